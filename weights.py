@@ -1,0 +1,96 @@
+"""Reading weights: safetensors only, loaded strictly, with errors that name the tensors.
+
+Every loader in the project (clip.py, vae.py, unet.py, unidiff.py) goes through here, so a
+pickle is never unpickled and a wrong checkpoint always fails the same, readable way.
+"""
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used as asked; the message says why and what to do."""
+
+
+def find_weights(path, names):
+    """`path` is a safetensors file, or a folder holding one of `names` (tried in order)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in names:
+            if (path / name).is_file():
+                return path / name
+        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            refuse_pickle(path / pickles[0])
+        raise WeightsError(f"{path}: no weights file here (looked for {', '.join(names)})")
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    return path
+
+
+def refuse_pickle(path):
+    # A pickle can run arbitrary code when loaded: we never open one a user downloaded.
+    raise WeightsError(
+        f"{path}: pickle checkpoints are refused (loading one can execute code). Convert it once, "
+        "in an environment you trust, to safetensors:\n"
+        "  python -c \"import torch, safetensors.torch as st; "
+        f"sd = torch.load('{path}', map_location='cpu', weights_only=True); "
+        "sd = sd.get('state_dict', sd); "
+        f"st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{Path(path).with_suffix('.safetensors')}')\"\n"
+        "or download the .safetensors release of the same model.")
+
+
+def read_safetensors(path):
+    """All tensors of one safetensors file, on the CPU."""
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        refuse_pickle(path)
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for a bad header / truncation
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_config(path):
+    """The `config.json` beside a weights file (or inside a folder), or None."""
+    path = Path(path)
+    cfg = (path if path.is_dir() else path.parent) / "config.json"
+    return json.loads(cfg.read_text()) if cfg.is_file() else None
+
+
+def load_strict(model, sd, source):
+    """`model.load_state_dict(sd, strict=True)`, but the error names every bad tensor."""
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(k for k in sd if k not in own)
+    misshaped = sorted(f"{k}: file {tuple(sd[k].shape)}, model {tuple(own[k].shape)}"
+                       for k in own if k in sd and sd[k].shape != own[k].shape)
+    if missing or unexpected or misshaped:
+        def block(title, items, n=20):
+            more = f"\n    ... and {len(items) - n} more" if len(items) > n else ""
+            return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:n]) + more if items else ""
+        raise WeightsError(f"{source}: weights do not match {type(model).__name__}"
+                           + block("missing", missing) + block("unexpected", unexpected)
+                           + block("mis-shaped", misshaped))
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def strip_prefix(sd, prefix):
+    """Keys under `prefix` with it removed; other keys dropped."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def save_safetensors(sd, path, metadata=None):
+    from safetensors.torch import save_file
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(path), metadata=metadata)
+
+
+@torch.no_grad()
+def same_weights(a, b):
+    """True when two state dicts hold the same keys and equal tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
