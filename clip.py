@@ -386,15 +386,18 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
+def resize_crop(im, size):
+    """Shorter side to `size` (bicubic), then the centre `size` x `size` square."""
+    w, h = im.size
+    w, h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)  # transformers' rounding
+    im = im.resize((w, h), Image.Resampling.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
 def preprocess(images, size=224):
     """PIL image(s) -> (B, 3, size, size) float32: shorter side to `size` (bicubic), centre crop, mean/std."""
-    out = []
-    for im in [images] if isinstance(images, Image.Image) else images:
-        im = to_rgb(im)
-        w, h = im.size
-        w, h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)  # transformers' rounding
-        im = im.resize((w, h), Image.Resampling.BICUBIC)
-        left, top = (w - size) // 2, (h - size) // 2
-        out.append(np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32))
+    images = [images] if isinstance(images, Image.Image) else images
+    out = [np.asarray(resize_crop(to_rgb(im), size), dtype=np.float32) for im in images]
     x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2) / 255  # (B, 3, size, size) in [0, 1]
     return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)

@@ -1,0 +1,500 @@
+"""Image–caption data: folders, named presets, the built-in demo set, and `prepare`.
+
+An item is `(pixels, caption)`: pixels float32 (3, H, W) in [-1, 1] (the VAE's range; the
+model converts to CLIP's normalisation), the shorter side resized to `size` (bicubic) and
+centre-cropped; no augmentation.
+
+    open_dataset("fashion_woman", split="train", size=512)  # data/fashion_woman/ (cwd-relative)
+    open_dataset("path/to/folder", split="test", size=256)  # metadata.jsonl or x.jpg + x.txt
+    open_dataset("demo", size=64)                           # synthetic, generated on the fly
+
+A folder holds images and a `metadata.jsonl` (one JSON object a line: `file_name`, `text`,
+optional `split`; the Hugging Face imagefolder convention) or `x.jpg` + `x.txt` pairs.
+Rows without a `split` get a seeded one (10% test, by hashing the file name). Faulty rows
+are skipped and counted with the reason; odd image modes are converted and counted;
+`ds.report()` lists both. Presets are built from the public releases with:
+
+    python data.py prepare deepfashion --src DeepFashion-MultiModal [--out data]
+    python data.py prepare products --src fashion-product-images [--out data]
+"""
+import argparse
+import csv
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+from torch.utils.data import Dataset
+
+from clip import resize_crop, to_rgb
+
+DEEPFASHION = "python data.py prepare deepfashion --src DIR  (DeepFashion-MultiModal: images/ + captions.json)"
+PRODUCTS = "python data.py prepare products --src DIR  (Fashion Product Images: styles.csv + images/<id>.jpg)"
+PRESETS = {  # name -> the command that builds data/<name>/ ("demo" is built in)
+    "fashion_woman": DEEPFASHION,
+    "fashion_man": DEEPFASHION,
+    "ecommerce_product": PRODUCTS,
+    "demo": None,
+}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+TEST_FRACTION = 0.1
+MODE_NAMES = {"1": "black-and-white", "L": "grayscale", "LA": "grayscale+alpha", "P": "palette",
+              "I;16": "16-bit grayscale", "I;16B": "16-bit grayscale", "I": "integer grayscale"}
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+class DataError(Exception):
+    """A data problem that stops the run; the message says what to do (train.py prints it)."""
+
+
+class Tally:
+    """Counts of reasons, each with its first example, e.g. skipped 2: missing image (e.g. a.jpg)."""
+
+    def __init__(self):
+        self.counts, self.example = Counter(), {}
+
+    def add(self, reason, where):
+        self.counts[reason] += 1
+        self.example.setdefault(reason, where)
+
+    def lines(self, verb):
+        return [f"{verb} {n}: {r} (e.g. {self.example[r]})" for r, n in self.counts.most_common()]
+
+
+def split_of(key, seed=0):
+    """'train' or 'test' for a file name or id: stable across runs and machines, seeded."""
+    h = int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:8], "big")
+    return "test" if h < TEST_FRACTION * 2**64 else "train"
+
+
+# ---------------------------------------------------------------------------- images
+
+def ends_cleanly(path, fmt):
+    with open(path, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - 64))
+        return f.read().rstrip(b"\0").endswith(END_MARKERS.get(fmt, b""))
+
+
+def probe(path, size=0, decode=False):
+    """(skip reason or None, detail, conversions) for one image file; cheap unless `decode`."""
+    try:
+        with Image.open(path) as im:
+            mode, (w, h) = im.mode, im.size
+            # Truncation shows only at decode: decode (at 1/8 scale for JPEG) files missing their
+            # end marker now, so the skip is counted here and not lost inside a DataLoader worker.
+            if decode or not ends_cleanly(path, im.format):
+                im.draft(im.mode, (64, 64))
+                im.load()
+    except FileNotFoundError:
+        return "missing image", "", []
+    except Exception as e:  # any decoder failure is a fault of the file, not of the program
+        return "unreadable image", f"{type(e).__name__}: {e}", []
+    conversions = [f"{MODE_NAMES.get(mode, mode)} → RGB"] if mode != "RGB" else []
+    if min(w, h) < size:
+        conversions.append(f"smaller than {size} px → upscaled")
+    return None, "", conversions
+
+
+def to_pixels(rgb):
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def load_pixels(path, size):
+    with Image.open(path) as im:
+        im.draft(im.mode, (size, size))  # JPEG: decode at the smallest scale still >= size
+        im = to_rgb(ImageOps.exif_transpose(im))
+    return to_pixels(np.asarray(resize_crop(im, size)))  # (3, size, size)
+
+
+def long_caption_lines(captions, token_lengths):
+    """Captions the tokenizer cuts at 77 tokens; token_lengths(list) -> counts with BOS/EOS (clip.Tokenizer.lengths)."""
+    if token_lengths is None:
+        return []
+    long = [c for c, n in zip(captions, token_lengths(captions)) if n > 77]
+    return [f"truncated {len(long)}: caption longer than 77 tokens (e.g. {long[0][:60]!r})"] if long else []
+
+
+# ---------------------------------------------------------------------------- folders
+
+def read_metadata(root, skipped):
+    rows = []
+    for n, raw in enumerate((root / "metadata.jsonl").read_bytes().splitlines(), 1):
+        where = f"metadata.jsonl line {n}"
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
+        except UnicodeDecodeError:
+            skipped.add("metadata line not valid UTF-8", where)
+            continue
+        except json.JSONDecodeError:
+            skipped.add("metadata line not valid JSON", where)
+            continue
+        if not (isinstance(row, dict) and isinstance(row.get("file_name"), str) and isinstance(row.get("text"), str)):
+            skipped.add("metadata line without file_name and text", where)
+            continue
+        rows.append((row["file_name"], row["text"], row.get("split")))
+    return rows
+
+
+def read_pairs(root, skipped):
+    rows, images = [], sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    for p in images:
+        name = p.relative_to(root).as_posix()
+        try:
+            rows.append((name, p.with_suffix(".txt").read_text("utf-8"), None))
+        except FileNotFoundError:
+            skipped.add("image without caption", name)
+        except UnicodeDecodeError:
+            skipped.add("caption file not valid UTF-8", p.with_suffix(".txt").relative_to(root).as_posix())
+    stems = {p.with_suffix("") for p in images}
+    for t in sorted(root.rglob("*.txt")):
+        if t.with_suffix("") not in stems:
+            skipped.add("caption without image", t.relative_to(root).as_posix())
+    return rows
+
+
+class FolderDataset(Dataset):
+    """One split of a folder of images and captions; holds names only (picklable, no open files)."""
+
+    def __init__(self, root, split="train", size=512, seed=0):
+        self.root, self.split, self.size = Path(root), split, size
+        self.skipped, self.converted = Tally(), Tally()  # skips: whole folder; conversions: this split
+        meta = (self.root / "metadata.jsonl").is_file()
+        rows = read_metadata(self.root, self.skipped) if meta else read_pairs(self.root, self.skipped)
+        if not rows and not self.skipped.counts:
+            raise DataError(f"{self.root}: no images found. A data folder holds images and a metadata.jsonl "
+                            "(one JSON object a line with file_name and text) or x.jpg + x.txt caption pairs.")
+        with ThreadPoolExecutor(8) as pool:  # header reads: mostly waiting on the disk
+            probes = list(pool.map(lambda r: probe(self.root / r[0], size), rows))
+        self.items, usable = [], 0
+        for (name, text, row_split), (reason, detail, conversions) in zip(rows, probes):
+            if not text.strip():
+                reason, detail = "empty caption", ""
+            elif row_split not in (None, "train", "test"):
+                reason, detail = "split is neither train nor test", repr(row_split)
+            if reason:
+                self.skipped.add(reason, f"{name} ({detail})" if detail else name)
+                continue
+            usable += 1
+            if split in (None, row_split or split_of(name, seed)):
+                self.items.append((name, text.strip()))
+                for c in conversions:
+                    self.converted.add(c, name)
+        if not self.items:
+            raise DataError(f"{self.root}: no usable {split + ' ' if split else ''}images ({usable} usable in all). "
+                            + " ".join(self.skipped.lines("Skipped")))
+        given = sum(r[2] is not None for r in rows)
+        how = "split from metadata.jsonl" if given == len(rows) else \
+            f"split seeded by file name where metadata has none: seed {seed}, {TEST_FRACTION:.0%} test"
+        self.summary = f"{self.root}: {len(self.items)} {split or 'all'} images of {usable} usable; {how}"
+        self.failed = set()  # per process: files that failed to decode after passing the index check
+
+    def __len__(self):
+        return len(self.items)
+
+    @property
+    def captions(self):
+        return [text for _, text in self.items]
+
+    def __getitem__(self, i):
+        for k in range(len(self.items)):
+            name, text = self.items[(i + k) % len(self.items)]
+            if name in self.failed:
+                continue
+            try:
+                return load_pixels(self.root / name, self.size), text
+            except Exception as e:  # a fault the index check could not see: use the next item, say so
+                self.failed.add(name)
+                self.skipped.add("unreadable image (found while loading)", name)
+                print(f"data: skipped unreadable image {self.root / name} ({type(e).__name__}: {e}); "
+                      "using the next one", file=sys.stderr)
+        raise DataError(f"{self.root}: none of the {len(self.items)} {self.split} images could be decoded")
+
+    def report(self, token_lengths=None):
+        return ([self.summary] + self.skipped.lines("skipped") + self.converted.lines("converted")
+                + long_caption_lines(self.captions, token_lengths))
+
+
+# ---------------------------------------------------------------------------- demo
+
+# Garment silhouettes in unit coordinates (x right, y down), drawn with PIL.ImageDraw.
+SHAPES = {
+    "t-shirt": [("polygon", [(.38, .15), (.62, .15), (.86, .26), (.78, .43), (.69, .38), (.69, .86),
+                             (.31, .86), (.31, .38), (.22, .43), (.14, .26)], {})],
+    "jacket": [("polygon", [(.38, .12), (.62, .12), (.80, .18), (.93, .80), (.82, .83), (.72, .42), (.72, .88),
+                            (.28, .88), (.28, .42), (.18, .83), (.07, .80), (.20, .18)], {}),
+               ("line", [(.5, .12), (.5, .88)], {"fill": 0, "width": .05})],
+    "dress": [("polygon", [(.40, .10), (.60, .10), (.62, .40), (.86, .90), (.14, .90), (.38, .40)], {})],
+    "skirt": [("polygon", [(.32, .36), (.68, .36), (.86, .80), (.14, .80)], {})],
+    "trousers": [("polygon", [(.30, .12), (.70, .12), (.75, .90), (.56, .90), (.50, .42), (.44, .90),
+                              (.25, .90)], {})],
+    "shoes": [("polygon", [(.06, .52), (.24, .52), (.28, .63), (.46, .68), (.46, .80), (.06, .80)], {}),
+              ("polygon", [(.54, .52), (.72, .52), (.76, .63), (.94, .68), (.94, .80), (.54, .80)], {})],
+    "hat": [("chord", [(.28, .22), (.72, .78)], {"start": 180, "end": 360}),
+            ("ellipse", [(.08, .52), (.92, .66)], {})],
+    "bag": [("rectangle", [(.20, .42), (.80, .86)], {}),
+            ("arc", [(.32, .18), (.68, .66)], {"start": 180, "end": 360, "width": .06})],
+}
+COLOURS = {"red": (200, 30, 30), "orange": (245, 120, 10), "yellow": (240, 215, 35), "green": (40, 150, 60),
+           "blue": (40, 80, 200), "purple": (120, 50, 160), "pink": (240, 130, 180), "black": (30, 30, 30)}
+PATTERNS = ["plain", "striped", "dotted", "checked"]
+DEMO_SIZES = {"train": 2000, "test": 200}
+
+
+def render_garment(kind, colour, pattern, size, rng):
+    """uint8 (size, size, 3): one garment on a light background; `rng` jitters pose and tints."""
+    S = 2 * size  # draw at twice the size, then average 2×2 blocks: smooth edges, cheap
+    scale, dx, dy, phase = rng.uniform(.85, 1.0), *rng.uniform(-.06, .06, 2), rng.uniform(0, 1)
+    mask = Image.new("L", (S, S), 0)
+    draw = ImageDraw.Draw(mask)
+    for op, pts, kw in SHAPES[kind]:
+        xy = [(((x - .5) * scale + .5 + dx) * S, ((y - .5) * scale + .5 + dy) * S) for x, y in pts]
+        kw = {"fill": 255, **kw}
+        if "width" in kw:
+            kw["width"] = max(1, round(kw["width"] * scale * S))
+        getattr(draw, op)(xy, **kw)
+    x = np.arange(S)[None, :] / S + phase  # (1, S); pattern periods: 1/8 of the image, 1/6 for dots
+    y = np.arange(S)[:, None] / S + phase  # (S, 1)
+    if pattern == "striped":
+        motif = np.broadcast_to((y * 8) % 1 < .5, (S, S))
+    elif pattern == "dotted":
+        motif = ((x * 6) % 1 - .5) ** 2 + ((y * 6) % 1 - .5) ** 2 < .33**2
+    elif pattern == "checked":
+        motif = (np.floor(x * 8) + np.floor(y * 8)) % 2 == 0
+    else:
+        motif = np.zeros((S, S), bool)
+    base = np.clip(np.array(COLOURS[colour]) + rng.integers(-15, 16, 3), 0, 255)
+    light = base @ [.299, .587, .114] > 140
+    contrast = np.array([40, 40, 40] if light else [250, 250, 250])
+    background = rng.integers(222, 250) + rng.integers(-6, 7, 3)
+    garment = np.where(motif[..., None], contrast.astype(np.uint8), base.astype(np.uint8))  # (S, S, 3)
+    img = np.where(np.asarray(mask)[..., None] > 127, garment, background.astype(np.uint8))
+    return np.asarray(Image.fromarray(img).reduce(2))
+
+
+def demo_caption(kind, colour, pattern):
+    words = ["plain", colour, kind] if pattern == "plain" else [colour, pattern, kind]
+    article = "a pair of" if kind in ("trousers", "shoes") else "an" if words[0][0] in "aeiou" else "a"
+    return " ".join([article, *words])
+
+
+class DemoDataset(Dataset):
+    """Synthetic garments: index -> the same image and caption every time; splits are disjoint."""
+
+    def __init__(self, split="train", size=64, seed=0):
+        self.split, self.size, self.seed = split, size, seed
+        self.n = sum(DEMO_SIZES.values()) if split is None else DEMO_SIZES[split]
+
+    def __len__(self):
+        return self.n
+
+    def _rng(self, i):  # train and test draw from separate seeded streams: disjoint by construction
+        n = DEMO_SIZES["train"]
+        test, j = (self.split == "test", i) if self.split else (i >= n, i - n * (i >= n))
+        return np.random.default_rng([self.seed, int(test), j])
+
+    @staticmethod
+    def _label(rng):
+        k, c, p = rng.integers(0, [len(SHAPES), len(COLOURS), len(PATTERNS)])
+        return list(SHAPES)[k], list(COLOURS)[c], PATTERNS[p]
+
+    def label(self, i):
+        """(kind, colour, pattern) of item i."""
+        return self._label(self._rng(i))
+
+    @property
+    def captions(self):
+        return [demo_caption(*self.label(i)) for i in range(self.n)]
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        rng = self._rng(i)
+        label = self._label(rng)
+        return to_pixels(render_garment(*label, self.size, rng)), demo_caption(*label)
+
+    def report(self, token_lengths=None):
+        return [f"demo: {self.n} synthetic {self.split or 'all'} images at {self.size} px ({len(SHAPES)} garments × "
+                f"{len(COLOURS)} colours × {len(PATTERNS)} patterns, seed {self.seed})"] + \
+            long_caption_lines(self.captions, token_lengths)
+
+
+def open_dataset(name_or_dir, split="train", size=512, seed=0, root="data"):
+    """A preset name (fashion_woman, fashion_man, ecommerce_product: `root`/<name>/; demo) or a folder.
+
+    split: "train", "test" or None (all rows). seed: the demo's content, and a folder's split
+    for rows whose metadata has no `split`. Raises DataError with a clear message.
+    """
+    if split not in ("train", "test", None):
+        raise ValueError(f"split must be 'train', 'test' or None, not {split!r}")
+    if name_or_dir == "demo":
+        return DemoDataset(split, size, seed)
+    path = Path(root) / name_or_dir if name_or_dir in PRESETS else Path(name_or_dir)
+    if not path.is_dir():
+        if name_or_dir in PRESETS:
+            raise DataError(f"{path}/ not found: build the {name_or_dir} set first with\n  {PRESETS[name_or_dir]}")
+        raise DataError(f"{path}: no such folder, and not a preset ({', '.join(PRESETS)})")
+    return FolderDataset(path, split, size, seed)
+
+
+# ---------------------------------------------------------------------------- prepare
+
+def link_or_copy(src, dst):
+    """Hard-link (no extra disk) when src and dst share a file system, else copy."""
+    if dst.exists():
+        if os.path.samefile(src, dst):
+            return "hard-linked"
+        dst.unlink()
+    try:
+        os.link(src, dst)
+        return "hard-linked"
+    except OSError:
+        shutil.copyfile(src, dst)
+        return "copied"
+
+
+def write_sets(out, candidates, skipped):
+    """candidates: (set name, source image, metadata row). Writes out/<set>/images/ + metadata.jsonl."""
+    # Decode every image once here (threads: PIL decodes without the GIL), so a prepared set holds only
+    # images that load; at training time only the cheap header check runs.
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        probes = list(pool.map(lambda c: probe(c[1], decode=True), candidates))
+    rows, how = {}, Counter()
+    for (name, src, row), (reason, detail, _) in zip(candidates, probes):
+        if reason:
+            skipped.add(reason, f"{src.name} ({detail})" if detail else src.name)
+            continue
+        (out / name / "images").mkdir(parents=True, exist_ok=True)
+        how[link_or_copy(src, out / name / row["file_name"])] += 1
+        rows.setdefault(name, []).append(row)
+    if not rows:
+        raise DataError("no usable image–caption pairs. " + " ".join(skipped.lines("Skipped")))
+    for name, rs in sorted(rows.items()):
+        tmp = out / name / "metadata.jsonl.tmp"  # written whole, then renamed: never half a file
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rs), "utf-8")
+        os.replace(tmp, out / name / "metadata.jsonl")
+        n_test = sum(r["split"] == "test" for r in rs)
+        print(f"{name}: {len(rs)} images ({len(rs) - n_test} train / {n_test} test) -> {out / name}/metadata.jsonl")
+    print("images: " + ", ".join(f"{n} {h}" for h, n in sorted(how.items())))
+    for line in skipped.lines("skipped"):
+        print(line)
+    return {name: len(rs) for name, rs in rows.items()}
+
+
+def source_images(folder):
+    if not folder.is_dir():
+        raise DataError(f"{folder}/ not found")
+    return {p.name: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
+
+
+def prepare_deepfashion(src, out="data", seed=0):
+    """DeepFashion-MultiModal (images/MEN-*, images/WOMEN-*, captions.json) -> out/fashion_man, out/fashion_woman."""
+    src, out, skipped = Path(src), Path(out), Tally()
+    try:
+        captions = json.loads((src / "captions.json").read_text("utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{src}/captions.json not found: --src is the DeepFashion-MultiModal folder "
+                        "holding images/ and captions.json") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{src}/captions.json is not valid UTF-8 JSON ({e})") from None
+    if not isinstance(captions, dict):
+        raise DataError(f"{src}/captions.json: expected an object mapping image file name -> caption")
+    images = source_images(src / "images")
+    for name in sorted(images.keys() - captions.keys()):
+        skipped.add("image without caption", name)
+    for name in sorted(captions.keys() - images.keys()):
+        skipped.add("caption without image", name)
+    candidates = []
+    for name in sorted(images.keys() & captions.keys()):
+        text = captions[name].strip() if isinstance(captions[name], str) else ""
+        subset = {"MEN-": "fashion_man", "WOMEN-": "fashion_woman"}.get(name.split("-")[0] + "-")
+        if not text:
+            skipped.add("empty caption", name)
+        elif subset is None:
+            skipped.add("name starts with neither MEN- nor WOMEN-", name)
+        else:
+            candidates.append((subset, images[name],
+                               {"file_name": f"images/{name}", "text": text, "split": split_of(name, seed)}))
+    return write_sets(out, candidates, skipped)
+
+
+def prepare_products(src, out="data", seed=0):
+    """Fashion Product Images (styles.csv + images/<id>.jpg) -> out/ecommerce_product."""
+    src, out, skipped = Path(src), Path(out), Tally()
+    try:
+        lines = (src / "styles.csv").read_bytes().splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{src}/styles.csv not found: --src holds styles.csv and images/<id>.jpg") from None
+    header = next(csv.reader([lines[0].decode("utf-8-sig", "replace")])) if lines else []
+    if "id" not in header or "productDisplayName" not in header:
+        raise DataError(f"{src}/styles.csv: the header must name the columns id and productDisplayName")
+    k, rows = header.index("productDisplayName"), {}
+    for n, raw in enumerate(lines[1:], 2):
+        where = f"styles.csv line {n}"
+        if not raw.strip():
+            continue
+        try:
+            fields = next(csv.reader([raw.decode("utf-8")]))
+        except UnicodeDecodeError:
+            skipped.add("styles.csv line not valid UTF-8", where)
+            continue
+        extra = len(fields) - len(header)
+        if extra < 0:
+            skipped.add("styles.csv line with too few columns", where)
+            continue
+        # The public file has unquoted commas inside productDisplayName: join those pieces back.
+        fields[k:k + extra + 1] = [",".join(fields[k:k + extra + 1])]
+        row = {h: f.strip() for h, f in zip(header, fields)}
+        if row["id"] in rows:
+            skipped.add("duplicate id", where)
+            continue
+        rows[row["id"]] = row
+    images = {Path(name).stem: p for name, p in source_images(src / "images").items()}
+    for i in sorted(images.keys() - rows.keys()):
+        skipped.add("image without caption", images[i].name)
+    for i in sorted(rows.keys() - images.keys()):
+        skipped.add("caption without image", f"id {i}")
+    candidates = []
+    for i in sorted(images.keys() & rows.keys()):
+        attrs = dict(rows[i])
+        text = attrs.pop("productDisplayName")
+        if not text:
+            skipped.add("empty caption", f"id {i}")
+            continue
+        row = {"file_name": f"images/{images[i].name}", "text": text, "split": split_of(i, seed), **attrs}
+        candidates.append(("ecommerce_product", images[i], row))
+    return write_sets(out, candidates, skipped)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Image–caption data for UniDiff. Presets live in data/<name>/.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prep = commands.add_parser("prepare", help="build a preset from a public release",
+                               description="deepfashion: SRC holds images/ (MEN-*, WOMEN-*) and captions.json "
+                               "-> OUT/fashion_man, OUT/fashion_woman. products: SRC holds styles.csv and "
+                               "images/<id>.jpg -> OUT/ecommerce_product. Images are hard-linked where possible.")
+    prep.add_argument("source", choices=["deepfashion", "products"])
+    prep.add_argument("--src", required=True, help="the downloaded release folder")
+    prep.add_argument("--out", default="data", help="where the sets are written (default: data)")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default: 0)")
+    args = parser.parse_args(argv)
+    prepare = {"deepfashion": prepare_deepfashion, "products": prepare_products}[args.source]
+    try:
+        prepare(args.src, args.out, args.seed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
