@@ -1,0 +1,292 @@
+"""Stable Diffusion's denoising UNet (diffusers' UNet2DConditionModel for SD 1.x and 2.x) on one page.
+
+Module attribute names equal diffusers' checkpoint keys (down_blocks.0.attentions.0.transformer_blocks.0.
+attn1.to_q.weight, ...), so `unet/diffusion_pytorch_model.safetensors` loads with a strict
+load_state_dict. The whole forward pass is UNet.forward: down levels push skips, up levels pop them.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vae import Downsample, ResnetBlock, Upsample, maybe_ckpt
+from weights import WeightsError, find_weights, load_strict, read_config, read_safetensors
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4                         # latent channels in and out
+    out_channels: int = 4
+    block_out_channels: tuple = (320, 640, 1280, 1280)  # one entry per resolution level
+    cross_attn: tuple = (True, True, True, False)       # levels with text cross-attention (the rest: resnets only)
+    layers_per_block: int = 2                    # resnets per down level (up levels have one more)
+    num_heads: object = 8                        # int or one per level; diffusers' config calls it attention_head_dim
+    cross_attention_dim: int = 768               # width of the text encoder's hidden states
+    use_linear_projection: bool = False          # SD 2.x: Linear proj_in/out; SD 1.x: 1x1 convs
+    upcast_attention: bool = False               # SD 2.1: attention in fp32 when running in fp16
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5                       # the UNet's resnet GroupNorms use 1e-5 (the VAE's: 1e-6)
+    sample_size: int = 64                        # informational: latent size it was trained at
+
+    def heads(self):
+        n = len(self.block_out_channels)
+        return tuple(self.num_heads) if isinstance(self.num_heads, (list, tuple)) else (self.num_heads,) * n
+
+    def to_json(self):
+        """diffusers' UNet2DConditionModel config.json, so a saved folder opens with from_pretrained."""
+        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.cross_attn]
+        up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.cross_attn)]
+        heads = list(self.num_heads) if isinstance(self.num_heads, (list, tuple)) else self.num_heads
+        return {"_class_name": "UNet2DConditionModel", "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "block_out_channels": list(self.block_out_channels),
+                "down_block_types": down, "up_block_types": up, "layers_per_block": self.layers_per_block,
+                "attention_head_dim": heads, "cross_attention_dim": self.cross_attention_dim,
+                "use_linear_projection": self.use_linear_projection, "upcast_attention": self.upcast_attention,
+                "norm_num_groups": self.norm_num_groups, "norm_eps": self.norm_eps,
+                "sample_size": self.sample_size, **FIXED}
+
+    @classmethod
+    def from_json(cls, d):
+        """Our config from diffusers' config.json; refuses the UNet variants this module does not build."""
+        bad = [f"{k}={d[k]!r}" for k, v in FIXED.items()
+               if k in d and d[k] != v and not (isinstance(d[k], list) and all(x == v for x in d[k]))]
+        down, up = d.get("down_block_types", []), d.get("up_block_types", [])
+        cross = [t == "CrossAttnDownBlock2D" for t in down]
+        if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down) or \
+                list(up) != ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cross)]:
+            bad.append(f"down_block_types={down!r}, up_block_types={up!r}")
+        if bad:
+            raise WeightsError(f"unsupported UNet2DConditionModel config: {', '.join(bad)}")
+        kw = {f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None}
+        kw["num_heads"] = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+        if down:
+            kw["cross_attn"] = tuple(cross)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+
+
+# diffusers config values that SD 1.x/2.x use and this module hard-codes (written out by to_json, checked on load).
+FIXED = {"act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
+         "mid_block_type": "UNetMidBlock2DCrossAttn", "mid_block_scale_factor": 1, "center_input_sample": False,
+         "transformer_layers_per_block": 1, "only_cross_attention": False, "dual_cross_attention": False,
+         "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "attention_type": "default",
+         "conv_in_kernel": 3, "conv_out_kernel": 3, "class_embed_type": None, "num_class_embeds": None,
+         "addition_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
+         "timestep_post_act": None, "time_embedding_dim": None, "cross_attention_norm": None,
+         "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "dropout": 0.0}
+
+PRESETS = {
+    "sd15": UNetConfig(),
+    "sd2": UNetConfig(num_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+                      upcast_attention=True, sample_size=96),  # 64-dim heads: 320/5 = 640/10 = 1280/20
+    "tiny": UNetConfig(block_out_channels=(32, 64), cross_attn=(True, False), layers_per_block=1,
+                       num_heads=2, cross_attention_dim=32, sample_size=32),
+}
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """SD's sinusoidal embedding (B,) -> (B, dim): frequencies exp(-ln(1e4) i / half) (freq_shift=0), cos first."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]                  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], -1)  # cos half first: flip_sin_to_cos=True
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(cin, cout), nn.Linear(cout, cout)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head attention; cross-attention when `context` is given (keys/values from the text)."""
+
+    def __init__(self, dim, heads, ctx_dim=None, upcast=False):
+        super().__init__()
+        self.heads, self.upcast = heads, upcast
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(ctx_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(ctx_dim or dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers keeps a dropout at to_out.1
+
+    def forward(self, x, context=None):
+        ctx = x if context is None else context
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
+                   for t in (self.to_q(x), self.to_k(ctx), self.to_v(ctx)))
+        if self.upcast and q.dtype == torch.float16:  # SD 2.1's logits overflow fp16 (bf16 has fp32's range)
+            q, k, v = q.float(), k.float(), v.float()
+        h = F.scaled_dot_product_attention(q, k, v).to(x.dtype)
+        return self.to_out[0](h.transpose(1, 2).flatten(2))    # (B, N, dim)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, din, dout):
+        super().__init__()
+        self.proj = nn.Linear(din, 2 * dout)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)  # GEGLU: first half gated by exact (erf) GELU of the second half
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention to the text, and a GEGLU feed-forward, each residual."""
+
+    def __init__(self, dim, heads, ctx_dim, upcast):
+        super().__init__()
+        self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, heads, upcast=upcast)
+        self.norm2, self.attn2 = nn.LayerNorm(dim), Attention(dim, heads, ctx_dim, upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = nn.Module()  # a bare container so the keys read ff.net.0.proj / ff.net.2 like diffusers'
+        self.ff.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))  # net.1: dropout slot
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff.net(self.norm3(x))
+
+
+def like(h, ref):
+    """h in ref's memory format: a no-op under channels-last, one copy otherwise (as diffusers' .contiguous())."""
+    cl = ref.is_contiguous(memory_format=torch.channels_last)
+    return h.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+class Transformer(nn.Module):
+    """diffusers' Transformer2DModel: GroupNorm, proj_in, a transformer over the H*W pixels, proj_out, residual."""
+
+    def __init__(self, c, heads, cfg):
+        super().__init__()
+        self.linear = cfg.use_linear_projection
+        self.norm = nn.GroupNorm(cfg.norm_num_groups, c, eps=1e-6)  # 1e-6 here, unlike the UNet's resnets
+        self.proj_in = nn.Linear(c, c) if self.linear else nn.Conv2d(c, c, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(c, heads, cfg.cross_attention_dim, cfg.upcast_attention)])
+        self.proj_out = nn.Linear(c, c) if self.linear else nn.Conv2d(c, c, 1)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C): a view under channels-last
+        if self.linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear:
+            h = self.proj_out(h)
+        h = like(h.reshape(B, H, W, C).permute(0, 3, 1, 2), x)  # (B, C, H, W)
+        if not self.linear:
+            h = self.proj_out(h)
+        return x + h
+
+
+class Blocks(nn.Module):
+    """A container for one level's lists (resnets, attentions, downsamplers/upsamplers); empty lists are left out."""
+
+    def __init__(self, **lists):
+        super().__init__()
+        for name, mods in lists.items():
+            if mods:
+                setattr(self, name, nn.ModuleList(mods))
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg=PRESETS["sd15"]):
+        super().__init__()
+        self.cfg = cfg
+        ch, heads, n, L = cfg.block_out_channels, cfg.heads(), len(cfg.block_out_channels), cfg.layers_per_block
+        g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, 4 * cfg.block_out_channels[0]
+
+        def res(cin, cout):
+            return ResnetBlock(cin, cout, g, eps, temb)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        self.down_blocks = nn.ModuleList([Blocks(
+            resnets=[res(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i]) for j in range(L)],
+            attentions=[Transformer(ch[i], heads[i], cfg) for _ in range(L)] if cfg.cross_attn[i] else None,
+            downsamplers=[Downsample(ch[i], asymmetric=False)] if i < n - 1 else None) for i in range(n)])
+        self.mid_block = Blocks(resnets=[res(ch[-1], ch[-1]), res(ch[-1], ch[-1])],
+                                attentions=[Transformer(ch[-1], heads[-1], cfg)])
+        # Up level i mirrors down level n-1-i; resnet j takes the previous output concatenated with a popped skip.
+        rc, rh, ra = ch[::-1], heads[::-1], cfg.cross_attn[::-1]
+        skip_ch = lambda i, j: rc[min(i + 1, n - 1)] if j == L else rc[i]  # the last skip comes from the level below
+        self.up_blocks = nn.ModuleList([Blocks(
+            resnets=[res((rc[max(i - 1, 0)] if j == 0 else rc[i]) + skip_ch(i, j), rc[i]) for j in range(L + 1)],
+            attentions=[Transformer(rc[i], rh[i], cfg) for _ in range(L + 1)] if ra[i] else None,
+            upsamplers=[Upsample(rc[i])] if i < n - 1 else None) for i in range(n)])
+        self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.grad_ckpt = False  # recompute each resnet/transformer in backward (saves activation memory)
+
+    def forward(self, x, t, context):
+        """Noisy latents (B, 4, h, w), timesteps (B,) or scalar, text states (B, 77, D) -> predicted noise (B, 4, h, w)."""
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        temb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(x.dtype))  # (B, 4*C0)
+        ck = self.grad_ckpt
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            for i, resnet in enumerate(block.resnets):
+                h = maybe_ckpt(ck, resnet, h, temb)
+                if hasattr(block, "attentions"):
+                    h = maybe_ckpt(ck, block.attentions[i], h, context)
+                skips.append(h)
+            if hasattr(block, "downsamplers"):
+                h = block.downsamplers[0](h)  # (B, C, h/2, w/2), rounded up
+                skips.append(h)
+        mid = self.mid_block
+        h = maybe_ckpt(ck, mid.resnets[0], h, temb)
+        h = maybe_ckpt(ck, mid.attentions[0], h, context)
+        h = maybe_ckpt(ck, mid.resnets[1], h, temb)
+        for block in self.up_blocks:
+            for i, resnet in enumerate(block.resnets):
+                h = maybe_ckpt(ck, resnet, torch.cat([h, skips.pop()], dim=1), temb)  # (B, C + C_skip, h, w)
+                if hasattr(block, "attentions"):
+                    h = maybe_ckpt(ck, block.attentions[i], h, context)
+            if hasattr(block, "upsamplers"):
+                h = block.upsamplers[0](h, size=skips[-1].shape[-2:])  # to the next skip's size (odd sizes too)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    @classmethod
+    def from_state_dict(cls, sd, cfg=None, source="state dict"):
+        return load_strict(cls(cfg or infer_config(sd)), sd, source)
+
+
+def infer_config(sd):
+    """A UNetConfig from tensor shapes; head counts are not stored, so they come from the preset it matches."""
+    try:
+        n = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down_blocks."))
+        ch = tuple(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(n))
+        cfg = UNetConfig(
+            in_channels=sd["conv_in.weight"].shape[1], out_channels=sd["conv_out.weight"].shape[0],
+            block_out_channels=ch, cross_attn=tuple(f"down_blocks.{i}.attentions.0.norm.weight" in sd for i in range(n)),
+            layers_per_block=1 + max(int(k.split(".")[3]) for k in sd if k.startswith("down_blocks.0.resnets.")),
+            cross_attention_dim=sd["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+            use_linear_projection=sd["mid_block.attentions.0.proj_in.weight"].ndim == 2)
+    except (KeyError, ValueError) as e:
+        raise WeightsError(f"cannot infer a UNet config from these tensors (no {e}); is this a "
+                           "UNet2DConditionModel?") from None
+    shape = ("in_channels", "out_channels", "block_out_channels", "cross_attn", "layers_per_block",
+             "cross_attention_dim", "use_linear_projection")
+    for preset in PRESETS.values():
+        if all(getattr(preset, f) == getattr(cfg, f) for f in shape):
+            return preset
+    raise WeightsError(f"UNet with {ch} channels and {cfg.cross_attention_dim}-wide context matches no preset and "
+                       "its head count is not stored in the weights: put its diffusers config.json beside the file")
+
+
+def load_unet(path):
+    """A UNet2DConditionModel safetensors file, or the folder holding it (config.json beside it is used if present)."""
+    path = find_weights(path, ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                               "unet/diffusion_pytorch_model.safetensors",
+                               "unet/diffusion_pytorch_model.fp16.safetensors"])
+    cfg = read_config(path)
+    return UNet.from_state_dict(read_safetensors(path), UNetConfig.from_json(cfg) if cfg else None, source=str(path))

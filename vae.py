@@ -1,0 +1,270 @@
+"""Stable Diffusion's autoencoder (diffusers' AutoencoderKL), small enough to read in one sitting.
+
+Module attribute names equal diffusers' checkpoint keys (encoder.down_blocks.0.resnets.0.conv1.weight,
+encoder.mid_block.attentions.0.to_q.weight, ...), so `vae/diffusion_pytorch_model.safetensors`
+loads with a strict load_state_dict and no renaming. unet.py reuses ResnetBlock, Downsample,
+Upsample and `maybe_ckpt` from here.
+"""
+import dataclasses
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from weights import WeightsError, find_weights, load_strict, read_config, read_safetensors
+
+
+@dataclass
+class VAEConfig:
+    # Field names are diffusers' config.json keys, so a config round-trips without a mapping.
+    in_channels: int = 3                  # image channels (in and out)
+    latent_channels: int = 4
+    block_out_channels: tuple = (128, 256, 512, 512)  # one entry per resolution level
+    layers_per_block: int = 2             # resnets per encoder level (the decoder has one more)
+    norm_num_groups: int = 32
+    sample_size: int = 512                # informational (the image size it was trained at)
+    scaling_factor: float = 0.18215       # latents are multiplied by this before the UNet sees them
+
+    def to_json(self):
+        """diffusers' AutoencoderKL config.json, so a saved folder opens with from_pretrained."""
+        n = len(self.block_out_channels)
+        d = asdict(self)
+        d["block_out_channels"] = list(self.block_out_channels)
+        return {"_class_name": "AutoencoderKL", **d, "out_channels": self.in_channels, "act_fn": "silu",
+                "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
+
+    @classmethod
+    def from_json(cls, d):
+        """Our config from diffusers' config.json; refuses variants this module does not build."""
+        n = len(d.get("block_out_channels", cls.block_out_channels))
+        required = {"act_fn": "silu", "out_channels": d.get("in_channels", 3), "use_quant_conv": True,
+                    "use_post_quant_conv": True, "mid_block_add_attention": True,
+                    "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
+        bad = [f"{k}={d[k]!r}" for k, v in required.items() if k in d and _aslist(d[k]) != _aslist(v)]
+        if bad:
+            raise WeightsError(f"unsupported AutoencoderKL config: {', '.join(bad)}")
+        kw = {f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None}
+        if "block_out_channels" in kw:
+            kw["block_out_channels"] = tuple(kw["block_out_channels"])
+        return cls(**kw)
+
+
+def _aslist(v):  # config.json has lists, a live diffusers config may hold tuples
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+PRESETS = {
+    "sd": VAEConfig(),  # SD 1.x and 2.x share this autoencoder
+    "tiny": VAEConfig(block_out_channels=(32, 64), layers_per_block=1, sample_size=64),  # CPU-sized, 2x downsampling
+}
+
+
+def maybe_ckpt(on, fn, *args):
+    """fn(*args), recomputed in backward instead of stored when `on` and gradients are recorded."""
+    if on and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class ResnetBlock(nn.Module):
+    """diffusers' ResnetBlock2D: two GroupNorm-SiLU-conv steps, a time embedding added in between (UNet only)."""
+
+    def __init__(self, cin, cout, groups, eps, temb_dim=None):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        if temb_dim is not None:
+            self.time_emb_proj = nn.Linear(temb_dim, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.conv_shortcut = nn.Conv2d(cin, cout, 1)  # match channels on the skip path
+
+    def forward(self, x, temb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if temb is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x) + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv. The VAE pads (0,1,0,1) itself (asymmetric, as the original LDM did); the UNet pads 1."""
+
+    def __init__(self, c, asymmetric):
+        super().__init__()
+        self.asymmetric = asymmetric
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0 if asymmetric else 1)
+
+    def forward(self, x):
+        if self.asymmetric:
+            x = F.pad(x, (0, 1, 0, 1))  # right and bottom only: VAE weights were trained with this padding
+        return self.conv(x)  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 (or to `size`, for odd sizes in the UNet), then a 3x3 conv."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x, size=None):
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class SpatialAttention(nn.Module):
+    """Single-head self-attention over all pixels, with a residual (the VAE's mid-block attention)."""
+
+    def __init__(self, c, groups, eps):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, c, eps=eps)
+        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # diffusers keeps a dropout at to_out.1
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C); a view under channels-last
+        q, k, v = self.to_q(h)[:, None], self.to_k(h)[:, None], self.to_v(h)[:, None]  # (B, 1, HW, C)
+        h = self.to_out[0](F.scaled_dot_product_attention(q, k, v)[:, 0])  # (B, HW, C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, c, groups):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(c, c, groups, 1e-6), ResnetBlock(c, c, groups, 1e-6)])
+        self.attentions = nn.ModuleList([SpatialAttention(c, groups, 1e-6)])
+
+    def forward(self, x, ckpt):
+        x = maybe_ckpt(ckpt, self.resnets[0], x)
+        x = maybe_ckpt(ckpt, self.attentions[0], x)
+        return maybe_ckpt(ckpt, self.resnets[1], x)
+
+
+class Level(nn.Module):
+    """One resolution level: `resnets`, then a `downsamplers` or `upsamplers` list (absent at the end)."""
+
+    def __init__(self, cin, cout, n, groups, down=None, up=None):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, groups, 1e-6) for i in range(n)])
+        if down:
+            self.downsamplers = nn.ModuleList([Downsample(cout, asymmetric=True)])
+        if up:
+            self.upsamplers = nn.ModuleList([Upsample(cout)])
+
+    def forward(self, x, ckpt):
+        for resnet in self.resnets:
+            x = maybe_ckpt(ckpt, resnet, x)
+        if hasattr(self, "downsamplers"):
+            x = self.downsamplers[0](x)
+        if hasattr(self, "upsamplers"):
+            x = self.upsamplers[0](x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, down=i < n - 1)
+                                          for i in range(n)])
+        self.mid_block = MidBlock(ch[-1], g)
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)  # all VAE GroupNorms use eps 1e-6 (UNet: 1e-5)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and logvar
+
+    def forward(self, x, ckpt=False):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x, ckpt)  # (B, C_i, H/2^i, W/2^i)
+        x = self.mid_block(x, ckpt)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 2*latent, H/8, W/8) for SD
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], g)
+        self.up_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, up=i < n - 1)
+                                        for i in range(n)])
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.in_channels, 3, padding=1)
+
+    def forward(self, z, ckpt=False):
+        x = self.mid_block(self.conv_in(z), ckpt)
+        for block in self.up_blocks:
+            x = block(x, ckpt)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 3, H, W)
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg=PRESETS["sd"]):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        self.grad_ckpt = False  # recompute each resnet/attention in backward (saves activation memory)
+
+    def encode(self, x):
+        """x in [-1, 1], (B, 3, H, W) -> mean, logvar of the latent posterior, each (B, 4, H/8, W/8)."""
+        mean, logvar = self.quant_conv(self.encoder(x, self.grad_ckpt)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the same
+
+    def decode(self, z):
+        """Unscaled latents (B, 4, h, w) -> image (B, 3, 8h, 8w), roughly in [-1, 1] (not clamped)."""
+        return self.decoder(self.post_quant_conv(z), self.grad_ckpt)
+
+    @classmethod
+    def from_state_dict(cls, sd, cfg=None, source="state dict"):
+        sd = rename_old_keys(sd)
+        model = cls(cfg or infer_config(sd))
+        return load_strict(model, sd, source)
+
+
+def rename_old_keys(sd):
+    """diffusers < 0.14 named the mid-block attention query/key/value/proj_attn; today's names are to_q/k/v/out.0."""
+    new = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+    out = {}
+    for k, v in sd.items():
+        head, _, tail = k.rpartition(".")  # tail is weight / bias
+        parent, _, name = head.rpartition(".")
+        if ".attentions." in k and name in new:
+            k = f"{parent}.{new[name]}.{tail}"
+            if v.ndim == 4:  # some conversions kept the original 1x1 convs: same numbers as a Linear
+                v = v[:, :, 0, 0]
+        out[k] = v
+    return out
+
+
+def infer_config(sd):
+    """A VAEConfig from tensor shapes alone (for a file with no config.json beside it)."""
+    try:
+        n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down_blocks."))
+        ch = tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(n))
+        layers = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down_blocks.0.resnets."))
+        cfg = VAEConfig(in_channels=sd["encoder.conv_in.weight"].shape[1],
+                        latent_channels=sd["post_quant_conv.weight"].shape[0],
+                        block_out_channels=ch, layers_per_block=layers)
+    except (KeyError, ValueError) as e:
+        raise WeightsError(f"cannot infer a VAE config from these tensors (no {e}); is this an AutoencoderKL?") from None
+    # GroupNorm's group count is not stored: the default 32 (SD's and our presets'). A matching preset is returned.
+    return next((p for p in PRESETS.values() if dataclasses.replace(p, sample_size=cfg.sample_size) == cfg), cfg)
+
+
+def load_vae(path):
+    """An AutoencoderKL safetensors file, or the folder holding it (config.json beside it is used if present)."""
+    path = find_weights(path, ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                               "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"])
+    cfg = read_config(path)
+    return VAE.from_state_dict(read_safetensors(path), VAEConfig.from_json(cfg) if cfg else None, source=str(path))
