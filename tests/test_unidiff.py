@@ -1,0 +1,173 @@
+"""UniDiff: the losses' glue (SPEC §2) against a recomputation with diffusers' scheduler, where gradients go,
+save -> reload, the saved folder in diffusers / transformers, and a tiny model overfitting four pairs."""
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from helpers import rel_err
+from losses import itc_loss, rsc_loss
+from unidiff import UniDiff, clip_normalise
+
+
+
+def pairs():
+    """Four 32x32 images in [-1, 1] and their captions."""
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    px = torch.full((4, 3, 32, 32), -1.0)
+    px[0, 0, 8:24, 8:24] = 1
+    px[1, 2] = torch.where((yy - 16) ** 2 + (xx - 16) ** 2 < 100, 1.0, -1.0)
+    px[2, 1] = torch.where((xx // 4) % 2 == 0, 1.0, -1.0)
+    px[3, :2] = torch.where(((xx - 16).abs() < 3) | ((yy - 16).abs() < 3), 1.0, -1.0)
+    return px, ["a red square", "a blue circle", "green stripes", "a yellow cross"]
+
+
+def test_losses_match_recomputation_with_diffusers_scheduler():
+    from diffusers import DDPMScheduler
+    torch.manual_seed(0)
+    m = UniDiff.tiny()
+    with torch.no_grad():
+        for p in m.clip.parameters():  # spread the embeddings so ITC/RSC are not at their uniform values
+            p.add_(torch.randn_like(p) * 0.05)
+        m.clip.logit_scale.fill_(4.6)  # s = 100: sharp P, P̂
+    px, caps = pairs()
+    ids = m.tokenizer(caps)
+    out = m.losses(px, ids, p_uncond=0.5, generator=torch.Generator().manual_seed(0))
+
+    # The same draws, in the documented order: posterior sample, t, ε, caption dropout.
+    g = torch.Generator().manual_seed(0)
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+    mean, logvar = m.vae.encode(px)
+    z0 = 0.18215 * (mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g))
+    t = torch.randint(0, 1000, (4,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    drop = torch.rand(4, generator=g) < 0.5
+    assert drop.any() and not drop.all() and (t < 500).any() and not (t < 500).all()  # seed covers both cases
+    cond = m.tokenizer([("" if d else c) for d, c in zip(drop, caps)])
+    zt = sched.add_noise(z0, noise, t)
+    eps = m.unet(zt, t, m.clip.text_hidden(cond))
+    assert rel_err(out["is_"], F.mse_loss(eps, noise)) < 1e-5
+
+    real_px = clip_normalise((px + 1) / 2)  # already CLIP's 32x32
+    img, txt = m.clip.encode_image(real_px), m.clip.encode_text(ids)
+    assert rel_err(out["itc"], itc_loss(img, txt, m.clip.logit_scale)) < 1e-5
+    sel = (t < 500).nonzero()[:, 0]
+    z0_hat = torch.cat([sched.step(eps[i:i + 1], t[i], zt[i:i + 1]).pred_original_sample for i in sel])
+    x_hat = m.vae.decode(z0_hat / 0.18215)  # tiny VAE: 16x16 latents decode to CLIP's 32x32
+    gen = m.clip.encode_image(clip_normalise((x_hat + 1) / 2))
+    rsc = rsc_loss(img[sel], gen, txt, m.clip.logit_scale)
+    assert rsc > 1e-3 and rel_err(out["rsc"], rsc) < 1e-4
+    total = out["itc"] + out["is_"] + 0.1 * out["rsc"]
+    assert rel_err(out["total"], total) < 1e-6
+
+
+def test_where_gradients_go_and_skipped_losses():
+    torch.manual_seed(0)
+    m = UniDiff.tiny()
+    px, caps = pairs()
+    ids = m.tokenizer(caps)
+    # RSC alone: gradient reaches the UNet *through* the frozen decoder, and CLIP; never the VAE.
+    out = m.losses(px, ids, lambda_itc=0, lambda_is=0, lambda_rsc=1.0, t_max=1000)
+    out["total"].backward()
+    assert out["itc"].item() == 0
+    assert all(p.grad is None for p in m.vae.parameters())
+    assert m.unet.conv_in.weight.grad.abs().max() > 0 and m.clip.vision_model.embeddings.patch_embedding.weight.grad \
+        .abs().max() > 0
+    # No sample below t_max: RSC is a zero tensor
+    assert m.losses(px, ids, lambda_itc=0, lambda_rsc=1.0, t_max=0)["rsc"].item() == 0
+    # λ_itc = λ_rsc = 0 is plain SD fine-tuning: no vision tower needed
+    m.clip.vision_model = m.clip.visual_projection = None
+    m.zero_grad()
+    out = m.losses(px, ids, lambda_itc=0, lambda_rsc=0)
+    out["total"].backward()
+    assert out["total"].item() == out["is_"].item() > 0 and m.clip.text_model.embeddings.token_embedding.weight.grad \
+        .abs().max() > 0
+    # Caption dropout 1.0: the UNet sees the empty caption only (same draws as captions that are all "")
+    g = lambda: torch.Generator().manual_seed(1)
+    a = m.losses(px, ids, lambda_itc=0, lambda_rsc=0, p_uncond=1.0, generator=g())["is_"]
+    b = m.losses(px, m.tokenizer([""] * 4), lambda_itc=0, lambda_rsc=0, p_uncond=0.0, generator=g())["is_"]
+    assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_save_reload_and_open_in_diffusers_transformers(tmp_path):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel
+    torch.manual_seed(0)
+    m = UniDiff.tiny()
+    for p in m.parameters():
+        p.add_(torch.randn_like(p) * 0.02)  # zero-initialised layers too
+    m.save(tmp_path / "ckpt", single_file=True)
+
+    for again in (UniDiff.from_pretrained(tmp_path / "ckpt"),
+                  UniDiff.from_pretrained(tmp_path / "ckpt" / "model_single_file.safetensors",
+                                          clip=tmp_path / "ckpt" / "clip")):
+        a, b = m.state_dict(), again.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    px, caps = pairs()
+    ids = m.tokenizer(caps)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 77, 32)
+    errs = dict(
+        unet=rel_err(UNet2DConditionModel.from_pretrained(tmp_path / "ckpt/unet")(x, t, ctx).sample, m.unet(x, t, ctx)),
+        vae=rel_err(AutoencoderKL.from_pretrained(tmp_path / "ckpt/vae").decode(x).sample, m.vae.decode(x)),
+        text=rel_err(CLIPTextModel.from_pretrained(tmp_path / "ckpt/text_encoder")(ids).last_hidden_state,
+                     m.clip.text_hidden(ids)))
+    clip = CLIPModel.from_pretrained(tmp_path / "ckpt/clip")
+    cpx = clip_normalise((px + 1) / 2)
+    errs["clip_image"] = rel_err(clip.get_image_features(pixel_values=cpx).pooler_output, m.clip.encode_image(cpx))
+    errs["clip_text"] = rel_err(clip.get_text_features(input_ids=ids).pooler_output, m.clip.encode_text(ids))
+
+    # The whole pipeline: diffusers' StableDiffusionPipeline on our folder == our generate (DDIM + CFG)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "ckpt", safety_checker=None)
+    ours = m.generate(caps[:2], steps=4, guidance=5.0, seed=7, height=32, width=32)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    theirs = pipe(caps[:2], num_inference_steps=4, guidance_scale=5.0, latents=latents, height=32, width=32,
+                  output_type="np").images
+    theirs = (theirs * 255).round().astype(np.uint8)
+    errs["pipeline_uint8_max_diff"] = float(np.abs(theirs.astype(int) - ours.numpy().astype(int)).max())
+    print("saved-folder parity:", {k: f"{v:.1e}" for k, v in errs.items()})
+    assert ours.shape == (2, 32, 32, 3) and ours.dtype == torch.uint8 and ours.float().std() > 1
+    assert errs.pop("pipeline_uint8_max_diff") <= 1 and max(errs.values()) < 1e-5
+    assert json.loads((tmp_path / "ckpt/scheduler/scheduler_config.json").read_text())["steps_offset"] == 1
+
+
+def test_tiny_overfits_four_pairs():
+    """Frozen VAE fitted to the images first (a random decoder is no image model), CLIP warmed up with ITC
+    alone (a random tiny CLIP starts collapsed, so RSC starts at 0), then all three losses train together."""
+    torch.manual_seed(0)
+    m = UniDiff.tiny()
+    px, caps = pairs()
+    ids = m.tokenizer(caps)
+    opt = torch.optim.AdamW(m.vae.decoder.parameters(), lr=3e-3, weight_decay=0)
+    mean = m.vae.encode(px)[0].detach()
+    for p in m.vae.decoder.parameters():
+        p.requires_grad_(True)
+    for _ in range(40):
+        loss = (m.vae.decode(mean) - px).pow(2).mean()
+        opt.zero_grad(), loss.backward(), opt.step()
+    m.vae.requires_grad_(False)
+
+    vis = [*m.clip.vision_model.parameters(), m.clip.visual_projection.weight]
+    rest = [p for n, p in m.clip.named_parameters() if not n.startswith(("vision_model", "visual_projection"))]
+    opt = torch.optim.AdamW([dict(params=vis, lr=1e-2), dict(params=rest, lr=1e-3)], weight_decay=0)
+    for _ in range(80):
+        loss = m.losses(px, ids, lambda_is=0, lambda_rsc=0)["total"]
+        opt.zero_grad(), loss.backward(), opt.step()
+
+    @torch.no_grad()
+    def evaluate():  # the same t, ε and posterior draws every time: 4 fixed seeds
+        outs = [m.losses(px, ids, p_uncond=0, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+        sim = m.clip.encode_image(clip_normalise((px + 1) / 2)) @ m.clip.encode_text(ids).T
+        recall = (sim.argmax(1) == torch.arange(4)).float().mean().item()
+        return {k: sum(o[k].item() for o in outs) / 4 for k in ("itc", "is_", "rsc")}, recall
+
+    before, _ = evaluate()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, weight_decay=0)
+    for _ in range(50):
+        loss = m.losses(px, ids)["total"]  # default λ = 1, 1, 0.1, t_max = 500
+        opt.zero_grad(), loss.backward(), opt.step()
+    after, recall = evaluate()
+    print("overfit:", {k: f"{before[k]:.3f} -> {after[k]:.3f}" for k in before}, "recall", recall)
+    assert before["rsc"] > 0.1 and all(after[k] < 0.8 * before[k] for k in before) and recall == 1.0

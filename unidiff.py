@@ -1,0 +1,320 @@
+"""UniDiff: one CLIP and one Stable Diffusion trained together with ITC + IS + RSC (SPEC §2).
+
+The text tower is shared: CLIP's `text_hidden` is the UNet's context, and its pooled projection
+is the text side of ITC and RSC. The VAE is frozen (encode under no_grad; RSC decodes *through* it
+with gradient). Also here: the DDIM sampler, loading/saving the diffusers and transformers folder
+layouts, and the original single-file layout that ComfyUI / A1111 read.
+"""
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from clip import CLIP, MEAN, STD, PRESETS as CLIP_PRESETS, CLIPConfig, Tokenizer, load_clip
+from losses import is_loss, itc_loss, rsc_loss, snr, v_target
+from unet import PRESETS as UNET_PRESETS, UNet, load_unet
+from vae import PRESETS as VAE_PRESETS, VAE, load_vae
+from weights import WeightsError, read_safetensors, save_safetensors, strip_prefix
+
+log = logging.getLogger("unidiff")
+
+
+def sd_alphas_cumprod(n=1000, beta_start=0.00085, beta_end=0.012):
+    """SD's "scaled_linear" schedule, ᾱ_t = Π(1 − β), β = linspace(√0.00085, √0.012)², in float32 as diffusers."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+@torch.no_grad()
+def ddim_sample(unet, latents, context, uncond, alphas_cumprod, steps, guidance, eta=0.0, generator=None,
+                v_prediction=False):
+    """DDIM with classifier-free guidance, step for step diffusers' DDIMScheduler under SD 1.5's config
+    (steps_offset=1, set_alpha_to_one=False, clip_sample=False, "leading" spacing).
+
+    latents (B, 4, h, w) ~ N(0, I); context (B, 77, W) the prompts' text states, uncond (1 or B, 77, W) the
+    empty caption's. ε̂ = ε̂_u + guidance (ε̂_c − ε̂_u) from one UNet call on [uncond, cond]. Returns ẑ0.
+    """
+    ratio = len(alphas_cumprod) // steps
+    ac = alphas_cumprod.to(latents.device)
+    ctx = torch.cat([uncond.expand_as(context), context]).to(latents.dtype)  # (2B, 77, W)
+    x = latents
+    for t in [i * ratio + 1 for i in reversed(range(steps))]:  # 981, 961, ..., 1 for 50 steps
+        out_u, out_c = unet(torch.cat([x, x]), torch.tensor(t, device=x.device), ctx).float().chunk(2)
+        out = out_u + guidance * (out_c - out_u)
+        a, a_prev = ac[t], ac[t - ratio] if t >= ratio else ac[0]  # the last step lands on ᾱ_0, not 1
+        if v_prediction:
+            x0, eps = a.sqrt() * x - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * x
+        else:
+            x0, eps = (x - (1 - a).sqrt() * out) / a.sqrt(), out
+        std = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
+        if eta > 0:
+            x = x + std * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = x.to(latents.dtype)
+    return x
+
+
+def clip_normalise(x01):
+    """Images in [0, 1] (B, 3, H, W) -> CLIP's input normalisation."""
+    mean, std = (torch.tensor(v, device=x01.device, dtype=x01.dtype).view(3, 1, 1) for v in (MEAN, STD))
+    return (x01 - mean) / std
+
+
+class UniDiff(nn.Module):
+    def __init__(self, clip, unet, vae, v_prediction=False):
+        super().__init__()
+        if unet.cfg.cross_attention_dim != clip.cfg.text.hidden_size:
+            raise ValueError(f"the UNet attends to {unet.cfg.cross_attention_dim}-wide text states but the CLIP text "
+                             f"tower is {clip.cfg.text.hidden_size} wide: they cannot share one text encoder")
+        self.clip, self.unet, self.vae = clip, unet, vae
+        self.vae.requires_grad_(False)  # frozen: RSC back-propagates through its decoder, never into it
+        self.v_prediction = v_prediction  # SD 2.x-v checkpoints predict v = √ᾱ ε − √(1-ᾱ) z0
+        self.register_buffer("alphas_cumprod", sd_alphas_cumprod())
+        self.tokenizer = Tokenizer()
+        self.register_buffer("empty_ids", self.tokenizer([""]), persistent=False)  # (1, 77): BOS, EOS, EOS...
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # keep the schedule in float32 under .half()/.to(bf16): 1-ᾱ needs the bits
+        self.alphas_cumprod = sd_alphas_cumprod().to(self.alphas_cumprod.device)
+        return self
+
+    @property
+    def down(self):
+        """Pixels per latent pixel: the VAE halves the size at all but its last level (8 for SD)."""
+        return 2 ** (len(self.vae.cfg.block_out_channels) - 1)
+
+    def forward(self, *args, **kwargs):  # so DistributedDataParallel(model)(pixels, ids) computes the losses
+        return self.losses(*args, **kwargs)
+
+    def losses(self, pixels, ids, lambda_itc=1.0, lambda_is=1.0, lambda_rsc=0.1, t_max=500, p_uncond=0.1,
+               snr_gamma=None, generator=None):
+        """pixels (B, 3, H, W) in [-1, 1] at the training resolution, ids (B, 77) -> dict(itc, is_, rsc, total).
+
+        A loss whose λ is 0 is not computed (its entry is 0). `generator` (on pixels' device) fixes t, ε, dropout.
+        """
+        B, dev = len(pixels), pixels.device
+        zero = pixels.new_zeros(())
+        out = dict(itc=zero, is_=zero, rsc=zero)
+        hidden = self.clip.text_hidden(ids)  # (B, 77, W): one text pass serves all three losses
+        if lambda_itc or lambda_rsc:
+            txt_emb = self.clip.pool_text(hidden, ids)  # (B, D)
+            res = self.clip.cfg.vision.image_size
+            real = F.interpolate(pixels, size=(res, res), mode="bicubic", antialias=True, align_corners=False)
+            real = clip_normalise((real + 1) / 2)  # (B, 3, res, res)
+        if lambda_itc:
+            img_emb = self.clip.encode_image(real)
+            out["itc"] = itc_loss(img_emb, txt_emb, self.clip.logit_scale)
+        if lambda_is or lambda_rsc:
+            with torch.no_grad():  # frozen VAE: the latents are data
+                mean, logvar = self.vae.encode(pixels)
+                z0 = self.vae.cfg.scaling_factor * (mean + (0.5 * logvar).exp() * torch.randn(
+                    mean.shape, generator=generator, device=dev, dtype=mean.dtype))  # (B, 4, h, w)
+            t = torch.randint(0, len(self.alphas_cumprod), (B,), generator=generator, device=dev)
+            noise = torch.randn(z0.shape, generator=generator, device=dev, dtype=z0.dtype)
+            a = self.alphas_cumprod[t].view(B, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            drop = torch.rand(B, generator=generator, device=dev) < p_uncond  # caption -> "" for classifier-free guidance
+            ctx = torch.where(drop[:, None, None], self.clip.text_hidden(self.empty_ids), hidden)
+            pred = self.unet(zt, t, ctx)
+            target = v_target(z0, noise, self.alphas_cumprod, t) if self.v_prediction else noise
+            out["is_"] = is_loss(pred, target, snr(self.alphas_cumprod, t), snr_gamma, self.v_prediction) \
+                if snr_gamma else is_loss(pred, target)
+        if lambda_rsc:
+            sel = t < t_max
+            if sel.any():
+                a, zt_s, pred_s = a[sel], zt[sel], pred[sel].float()
+                z0_hat = a.sqrt() * zt_s - (1 - a).sqrt() * pred_s if self.v_prediction \
+                    else (zt_s - (1 - a).sqrt() * pred_s) / a.sqrt()  # one-step estimate (R, 4, h, w)
+                z0_hat = F.interpolate(z0_hat, size=(res // self.down,) * 2, mode="bilinear", antialias=True)
+                x_hat = self.vae.decode(z0_hat / self.vae.cfg.scaling_factor)  # (R, 3, res, res), grad flows to UNet
+                gen_emb = self.clip.encode_image(clip_normalise((x_hat + 1) / 2))
+                real_emb = img_emb[sel] if lambda_itc else self.clip.encode_image(real[sel])
+            else:  # still called: under DDP its gathers are collective
+                real_emb = gen_emb = txt_emb.new_zeros(0, txt_emb.shape[1])
+            out["rsc"] = rsc_loss(real_emb, gen_emb, txt_emb, self.clip.logit_scale)
+        out["total"] = lambda_itc * out["itc"] + lambda_is * out["is_"] + lambda_rsc * out["rsc"]
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompts, steps=50, guidance=7.5, seed=0, height=512, width=512, eta=0.0):
+        """Text -> images, uint8 (B, H, W, 3): DDIM with classifier-free guidance, then the VAE decoder."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        dev, dtype = self.alphas_cumprod.device, self.unet.conv_in.weight.dtype
+        ids = self.tokenizer(prompts).to(dev)
+        g = torch.Generator().manual_seed(seed)  # on the CPU: the same images on every device
+        shape = (len(prompts), self.unet.cfg.in_channels, height // self.down, width // self.down)
+        latents = torch.randn(shape, generator=g).to(dev, dtype)
+        z = ddim_sample(self.unet, latents, self.clip.text_hidden(ids), self.clip.text_hidden(self.empty_ids),
+                        self.alphas_cumprod, steps, guidance, eta, g, self.v_prediction)
+        x = self.vae.decode(z / self.vae.cfg.scaling_factor).float()  # (B, 3, H, W) in about [-1, 1]
+        return ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+    @classmethod
+    def tiny(cls, seed=0):
+        """A random, CPU-sized UniDiff (tests, `train.py --data demo`)."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            clip = CLIP(CLIP_PRESETS["tiny"])
+            unet = UNet(replace(UNET_PRESETS["tiny"], cross_attention_dim=clip.cfg.text.hidden_size))
+            return cls(clip, unet, VAE(VAE_PRESETS["tiny"]))
+
+    @classmethod
+    def from_pretrained(cls, sd, clip=None):
+        """`sd`: a diffusers folder (unet/, vae/, text_encoder/) or an original single-file .safetensors.
+        `clip`: a transformers CLIP file or folder whose text tower becomes THE text encoder (SD 1.x's text
+        encoder is CLIP ViT-L/14's text tower). A folder written by `save` brings its own `clip/`."""
+        sd = Path(sd)
+        v_pred = False
+        if sd.is_dir():
+            unet, vae, text = load_unet(sd / "unet"), load_vae(sd / "vae"), load_clip(sd / "text_encoder")
+            sched = sd / "scheduler" / "scheduler_config.json"
+            v_pred = sched.is_file() and json.loads(sched.read_text()).get("prediction_type") == "v_prediction"
+            if clip is None and (sd / "clip").is_dir():
+                clip = sd / "clip"
+        else:
+            u, v, t = from_single_file(read_safetensors(sd))
+            unet, vae = UNet.from_state_dict(u, source=str(sd)), VAE.from_state_dict(v, source=str(sd))
+            text = CLIP.from_state_dict(t, source=str(sd))
+        if clip is None:
+            return cls(text, unet, vae, v_pred)
+        full = load_clip(clip)
+        a, b = text.text_model.state_dict(), full.text_model.state_dict()
+        if a.keys() != b.keys() or any(a[k].shape != b[k].shape or not torch.equal(a[k], b[k].to(a[k].dtype))
+                                       for k in a):
+            log.warning("%s: its text encoder differs from the CLIP text tower of %s; using the CLIP's "
+                        "(one shared text encoder)", sd, clip)
+        return cls(full, unet, vae, v_pred)
+
+    def save(self, folder, single_file=False):
+        """A diffusers StableDiffusionPipeline folder (+ `clip/`, a transformers CLIPModel, when there is a
+        vision tower); with `single_file`, also `model_single_file.safetensors` in the original layout."""
+        folder = Path(folder)
+        for name, model, file in (("unet", self.unet, "diffusion_pytorch_model"),
+                                  ("vae", self.vae, "diffusion_pytorch_model")):
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            save_safetensors(model.state_dict(), folder / name / f"{file}.safetensors", metadata={"format": "pt"})
+            (folder / name / "config.json").write_text(json.dumps(model.cfg.to_json(), indent=2))
+        with torch.device("meta"):
+            text = CLIP(CLIPConfig(self.clip.cfg.text, None, None))  # SD's text_encoder: a CLIPTextModel...
+        text.text_model = self.clip.text_model  # ...holding the shared tower
+        text.save(folder / "text_encoder")
+        if self.clip.vision_model is not None:
+            self.clip.save(folder / "clip")
+        self.tokenizer.save(folder / "tokenizer")
+        (folder / "scheduler").mkdir(exist_ok=True)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(
+            _class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+            beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+            timestep_spacing="leading",
+            prediction_type="v_prediction" if self.v_prediction else "epsilon"), indent=2))
+        (folder / "model_index.json").write_text(json.dumps(dict(
+            _class_name="StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"],
+            vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModel"],
+            tokenizer=["transformers", "CLIPTokenizer"], scheduler=["diffusers", "DDIMScheduler"],
+            safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False), indent=2))
+        if single_file:
+            save_safetensors(to_single_file(self.unet, self.vae, self.clip), folder / "model_single_file.safetensors")
+
+
+# ---- The original single-file layout (CompVis LDM; what ComfyUI / A1111 read) <-> diffusers names ------------
+# One table of (diffusers prefix, original prefix) pairs per model, built from the block structure and used in
+# both directions: a key is renamed by its longest matching prefix (keys that match none are the same in both).
+
+RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+          ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
+VAE_ATTN = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+
+
+def unet_names(n, L, cross_attn):
+    """n levels, L resnets per down level (L + 1 per up level), cross_attn per down level."""
+    pairs = [("conv_in.", "input_blocks.0.0."), ("time_embedding.linear_1.", "time_embed.0."),
+             ("time_embedding.linear_2.", "time_embed.2."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
+             ("mid_block.attentions.0.", "middle_block.1.")]
+    res = [("mid_block.resnets.0.", "middle_block.0."), ("mid_block.resnets.1.", "middle_block.2.")]
+    up_attn = cross_attn[::-1]
+    for b in range(n):
+        for j in range(L):  # input_blocks: conv_in, then per level L x (resnet, attention), then a downsampler
+            i = b * (L + 1) + 1 + j
+            res.append((f"down_blocks.{b}.resnets.{j}.", f"input_blocks.{i}.0."))
+            if cross_attn[b]:
+                pairs.append((f"down_blocks.{b}.attentions.{j}.", f"input_blocks.{i}.1."))
+        for j in range(L + 1):  # output_blocks: per level (L + 1) x (resnet, attention), upsampler in the last
+            i = b * (L + 1) + j
+            res.append((f"up_blocks.{b}.resnets.{j}.", f"output_blocks.{i}.0."))
+            if up_attn[b]:
+                pairs.append((f"up_blocks.{b}.attentions.{j}.", f"output_blocks.{i}.1."))
+        if b < n - 1:
+            pairs.append((f"down_blocks.{b}.downsamplers.0.conv.", f"input_blocks.{(b + 1) * (L + 1)}.0.op."))
+            pairs.append((f"up_blocks.{b}.upsamplers.0.", f"output_blocks.{b * (L + 1) + L}.{1 + up_attn[b]}."))
+    return pairs + [(d + a + ".", o + b + ".") for d, o in res for a, b in RESNET]
+
+
+def vae_names(n, L):
+    """n levels, L resnets per encoder level (L + 1 per decoder level); the decoder's up levels count backwards."""
+    pairs = []
+    for side in ("encoder.", "decoder."):
+        pairs += [(side + "conv_norm_out.", side + "norm_out."), (side + "mid_block.resnets.0.", side + "mid.block_1."),
+                  (side + "mid_block.resnets.1.", side + "mid.block_2.")]
+        pairs += [(f"{side}mid_block.attentions.0.{a}.", f"{side}mid.attn_1.{b}.") for a, b in VAE_ATTN]
+    for b in range(n):
+        pairs += [(f"encoder.down_blocks.{b}.resnets.{j}.", f"encoder.down.{b}.block.{j}.") for j in range(L)]
+        pairs += [(f"decoder.up_blocks.{b}.resnets.{j}.", f"decoder.up.{n - 1 - b}.block.{j}.") for j in range(L + 1)]
+        if b < n - 1:
+            pairs.append((f"encoder.down_blocks.{b}.downsamplers.0.", f"encoder.down.{b}.downsample."))
+            pairs.append((f"decoder.up_blocks.{b}.upsamplers.0.", f"decoder.up.{n - 1 - b}.upsample."))
+    return pairs + [(p + "conv_shortcut.", o + "nin_shortcut.") for p, o in pairs if ".resnets." in p]
+
+
+def rename(sd, pairs, to_original):
+    """Rename each key by its longest matching prefix in `pairs`, diffusers -> original or back."""
+    table = dict(pairs if to_original else [(o, d) for d, o in pairs])
+    out = {}
+    for k, v in sd.items():
+        p = max((p for p in table if k.startswith(p)), key=len, default="")
+        out[table.get(p, "") + k[len(p):]] = v
+    return out
+
+
+def vae_attn_shape(sd, conv):
+    """The VAE mid-block attention: 1x1 convs (C, C, 1, 1) in the original layout, Linear (C, C) in diffusers."""
+    is_w = lambda k: ".mid.attn_1." in k and k.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")) \
+        or ".attentions.0.to_" in k and k.endswith("weight")
+    return {k: (v[:, :, None, None] if conv else v.flatten(1)) if is_w(k) else v for k, v in sd.items()}
+
+
+def to_single_file(unet, vae, clip):
+    """One state dict in the original SD 1.x layout: model.diffusion_model.*, first_stage_model.*,
+    cond_stage_model.transformer.text_model.*."""
+    c = unet.cfg
+    u = rename(unet.state_dict(), unet_names(len(c.block_out_channels), c.layers_per_block, c.cross_attn), True)
+    v = rename(vae.state_dict(), vae_names(len(vae.cfg.block_out_channels), vae.cfg.layers_per_block), True)
+    t = clip.text_model.state_dict()
+    return {**{"model.diffusion_model." + k: x for k, x in u.items()},
+            **{"first_stage_model." + k: x for k, x in vae_attn_shape(v, conv=True).items()},
+            **{"cond_stage_model.transformer.text_model." + k: x for k, x in t.items()}}
+
+
+def from_single_file(sd):
+    """An original-layout SD 1.x state dict -> (unet, vae, text encoder) state dicts with diffusers /
+    transformers names. EMA copies (model_ema.*) and the schedule buffers are not read."""
+    if any(k.startswith("cond_stage_model.model.") for k in sd):
+        raise WeightsError("this single file has an OpenCLIP text encoder (SD 2.x): convert it to the diffusers "
+                           "folder layout (diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained)")
+    u, v = strip_prefix(sd, "model.diffusion_model."), strip_prefix(sd, "first_stage_model.")
+    t = strip_prefix(sd, "cond_stage_model.transformer.")  # with or without `text_model.`: CLIP takes both
+    if not (u and v and t):
+        raise WeightsError("not an SD 1.x single-file checkpoint: expected keys model.diffusion_model.*, "
+                           f"first_stage_model.* and cond_stage_model.transformer.* (first keys: {list(sd)[:3]})")
+    idx = lambda prefix: {int(k.split(".")[1]) for k in u if k.startswith(prefix)}
+    L = min(i for i in idx("input_blocks.") if f"input_blocks.{i}.0.op.weight" in u) - 1 \
+        if any(k.endswith(".0.op.weight") for k in u) else len(idx("input_blocks.")) - 1  # no downsampler: 1 level
+    n = len(idx("input_blocks.")) // (L + 1)
+    cross = tuple(f"input_blocks.{b * (L + 1) + 1}.1.norm.weight" in u for b in range(n))
+    vn = 1 + max(int(k.split(".")[2]) for k in v if k.startswith("encoder.down."))
+    vL = 1 + max(int(k.split(".")[4]) for k in v if k.startswith("encoder.down.0.block."))
+    return (rename(u, unet_names(n, L, cross), False),
+            vae_attn_shape(rename(v, vae_names(vn, vL), False), conv=False), t)
