@@ -1,0 +1,318 @@
+"""Speed and memory, ours against the reference libraries, side by side in one process.
+
+    python bench.py                  # SD 1.5 UNet + VAE, CLIP ViT-L/14, batch 8, 512 px, bf16, one GPU
+    python bench.py --tiny           # tiny configs on the CPU: a smoke test of this script
+
+Same configs (the references are built from our configs' public-format JSON), same random
+weights, batch, inputs and precision (bf16 autocast, fp32 master weights, fused AdamW on
+CUDA). Each reference runs as shipped and tuned (torch.compile + channels-last); the ratio
+that counts is against the faster. MFU = counted model FLOPs (torch.utils.flop_counter) /
+time / the bf16 matmul rate measured in the same run. `transformers` and `diffusers` are
+imported here only as the yardstick.
+"""
+import argparse
+import gc
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import clip as clip_mod
+import unet as unet_mod
+import vae as vae_mod
+from losses import itc_loss
+from unidiff import UniDiff, ddim_sample
+
+SCALE = 0.18215
+
+
+# ---- timing ----------------------------------------------------------------------------
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, dev, warmup, iters):
+    """Median seconds per call after `warmup` calls (compilation happens there), and peak memory."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+    return sorted(times)[len(times) // 2], peak
+
+
+def count_flops(fn):
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def matmul_peak(dev):
+    """Measured bf16 matmul rate (FLOP/s): the MFU denominator."""
+    if dev.type != "cuda":
+        return float("nan")
+    n = 8192
+    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    sec, _ = timed(lambda: a @ b, dev, 3, 20)
+    return 2 * n**3 / sec
+
+
+def free(*objs):
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- the steps ---------------------------------------------------------------------------
+
+def optimizer(params, dev):
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-5,
+                             fused=dev.type == "cuda")
+
+
+def reference_sd_step(unet, vae, text, x, ids, ac, dev, amp):
+    """The diffusers training step (as in diffusers' train_text_to_image.py)."""
+    opt = optimizer(unet.parameters(), dev)
+
+    def step():
+        with amp:
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.sample() * SCALE
+                ctx = text(ids)[0]
+            t = torch.randint(0, 1000, (x.shape[0],), device=dev)
+            noise = torch.randn_like(z)
+            a = ac[t].view(-1, 1, 1, 1)
+            pred = unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, ctx).sample
+        F.mse_loss(pred.float(), noise.float()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def reference_clip_step(model, pixels, ids, dev, amp, compiled):
+    opt = optimizer(model.parameters(), dev)
+    image_features, text_features = model.get_image_features, model.get_text_features
+    if compiled:  # these methods, not forward(), are what a CLIP fine-tune calls
+        image_features, text_features = torch.compile(image_features), torch.compile(text_features)
+
+    def step():
+        with amp:
+            img = image_features(pixel_values=pixels)
+            txt = text_features(input_ids=ids)
+            img, txt = (o if torch.is_tensor(o) else o.pooler_output for o in (img, txt))
+            loss = itc_loss(img.float(), txt.float(), model.logit_scale)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def our_step(model, x, ids, dev, amp, compiled, **weights):
+    """What train.py runs: UniDiff.forward is `losses`; --compile compiles it whole."""
+    opt = optimizer(model.parameters(), dev)
+    losses = torch.compile(model) if compiled else model
+
+    def step():
+        with amp:
+            loss = losses(x, ids, **weights)["total"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def reference_sampler(unet, vae, ctx, uncond, latents, steps, guidance):
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+    @torch.no_grad()
+    def sample():
+        sched.set_timesteps(steps)
+        z = latents
+        for t in sched.timesteps:
+            e_u, e_c = unet(torch.cat([z, z]), t, torch.cat([uncond, ctx])).sample.chunk(2)
+            z = sched.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
+        return vae.decode(z / SCALE).sample
+    return sample
+
+
+def our_sampler(model, ctx, uncond, latents, steps, guidance, compiled):
+    unet = torch.compile(model.unet) if compiled else model.unet
+
+    @torch.no_grad()
+    def sample():
+        z = ddim_sample(unet, latents, ctx, uncond, model.alphas_cumprod, steps, guidance)
+        return model.vae.decode(z / SCALE)
+    return sample
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (smoke test)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--res", type=int, default=512)
+    p.add_argument("--iters", type=int, default=10, help="timed steps per row (median)")
+    p.add_argument("--sample-batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps when sampling")
+    p.add_argument("--cases", default="sd,clip,unidiff,sample,memory")
+    p.add_argument("--compile", choices=["all", "refs", "none"], default="all",
+                   help="which rows get a torch.compile variant (refs: the references' tuned rows only)")
+    p.add_argument("--json", help="write the rows here (after each row, so a cut-off run keeps them)")
+    args = p.parse_args()
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+
+    dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if args.tiny:
+        args.batch, args.res, args.iters, args.steps, args.sample_batch = 2, 32, 2, 3, 1
+        args.compile = "none"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")  # CPU bf16 is slow
+    cases = args.cases.split(",")
+    rows, peak = [], matmul_peak(dev)
+
+    def add(case, impl, fn, flops=None, n=None):
+        iters = max(2, args.iters // 3) if case == "sample" else args.iters  # 50 UNet calls each
+        sec, mem = timed(fn, dev, 1 if args.tiny else 3, iters)
+        n = n or args.batch
+        rows.append(dict(case=case, impl=impl, img_s=n / sec, ms=sec * 1e3, mem_gb=mem,
+                         mfu=flops / sec / peak if flops else float("nan")))
+        print(f"{case:8s} {impl:36s} {n / sec:8.2f} img/s {sec * 1e3:9.1f} ms {mem:6.1f} GB", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=device_name(dev), peak=peak, batch=args.batch, res=args.res, rows=rows), f,
+                          indent=1)
+
+    torch.manual_seed(0)
+    with torch.device(dev):  # random init straight on the device
+        ours = UniDiff.tiny() if args.tiny else UniDiff(clip_mod.CLIP(clip_mod.PRESETS["vit-l/14"]),
+                                                        unet_mod.UNet(unet_mod.PRESETS["sd15"]),
+                                                        vae_mod.VAE(vae_mod.PRESETS["sd"]))
+    ours.to(dev)
+    if dev.type == "cuda":  # as train.py runs it
+        ours.unet.to(memory_format=torch.channels_last)
+        ours.vae.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(args.batch, 3, args.res, args.res, generator=g) * 2 - 1).to(dev)
+    ids = ours.tokenizer([f"a photo of garment number {i}" for i in range(args.batch)]).to(dev)
+    clip_res = ours.clip.cfg.vision.image_size
+    pixels = F.interpolate(x, size=clip_res, mode="bicubic", antialias=True)
+
+    # The references: built from our configs' public JSON, holding our random weights.
+    with torch.device(dev):
+        ref_unet = UNet2DConditionModel(**ours.unet.cfg.to_json())
+        ref_vae = AutoencoderKL(**ours.vae.cfg.to_json())
+        ref_clip = CLIPModel(CLIPConfig.from_dict(ours.clip.cfg.to_json()))
+        ref_text = CLIPTextModel(CLIPTextConfig.from_dict(ours.clip.cfg.to_json(text_only=True)))
+    ref_unet.load_state_dict(ours.unet.state_dict())
+    ref_vae.load_state_dict(ours.vae.state_dict())
+    ref_clip.load_state_dict(ours.clip.state_dict(), strict=False)  # transformers keeps position_ids buffers
+    ref_text.load_state_dict(ours.clip.text_model.state_dict(), strict=False)
+    ref_vae.requires_grad_(False)
+    ref_text.requires_grad_(False)
+    tuned = lambda m: torch.compile(m.to(memory_format=torch.channels_last))
+    variants = [("as shipped", lambda m: m)] + ([] if args.compile == "none" else [("compiled+channels-last", tuned)])
+
+    def train_only(*parts):
+        ours.requires_grad_(False)
+        for part in parts:
+            part.requires_grad_(True)
+
+    # Each case: the references (shipped, tuned) and ours eager; then ours compiled.
+    flops = {}
+    for compiled in [False, True] if args.compile == "all" else [False]:
+        tag = "ours compiled" if compiled else "ours"
+        if "sd" in cases:
+            if not compiled:
+                for name, tune in variants:
+                    step = reference_sd_step(tune(ref_unet), ref_vae, ref_text, x, ids, ours.alphas_cumprod, dev, amp)
+                    flops["sd"] = flops.get("sd") or count_flops(step)
+                    add("sd", f"diffusers {name}", step, flops["sd"])
+                ref_unet.to(memory_format=torch.contiguous_format)
+            train_only(ours.unet)
+            add("sd", tag, our_step(ours, x, ids, dev, amp, compiled, lambda_itc=0, lambda_rsc=0), flops.get("sd"))
+        if "clip" in cases:
+            if not compiled:
+                for name, tune in variants:
+                    step = reference_clip_step(ref_clip, pixels, ids, dev, amp, tune is tuned)
+                    flops["clip"] = flops.get("clip") or count_flops(step)
+                    add("clip", f"transformers {name}", step, flops["clip"])
+            train_only(ours.clip)
+            add("clip", tag, our_step(ours, x, ids, dev, amp, compiled, lambda_is=0, lambda_rsc=0), flops.get("clip"))
+        if "unidiff" in cases:
+            train_only(ours.unet, ours.clip)
+            step = our_step(ours, x, ids, dev, amp, compiled)
+            flops["unidiff"] = flops.get("unidiff") or count_flops(step)
+            add("unidiff", tag, step, flops["unidiff"])
+        free()
+        if "memory" in cases and not compiled:
+            # The full fine-tune at batch 4 (every part trained), then the memory levers.
+            b4x, b4i = x[:4], ids[:4]
+            for label, parts, ckpt in (("all parts", (ours.unet, ours.clip), False),
+                                       ("all parts, grad ckpt", (ours.unet, ours.clip), True),
+                                       ("unet+text, grad ckpt", (ours.unet, ours.clip.text_model), True)):
+                train_only(*parts)
+                for m in (ours.unet, ours.clip, ours.vae):
+                    m.grad_ckpt = ckpt
+                add("memory", f"ours b4 {label}", our_step(ours, b4x, b4i, dev, amp, False), n=4)
+                free()
+            for m in (ours.unet, ours.clip, ours.vae):
+                m.grad_ckpt = False
+        if "sample" in cases:
+            train_only()
+            s = args.sample_batch
+            lat = torch.randn(s, 4, args.res // 8, args.res // 8, generator=g).to(dev)
+            with torch.no_grad(), amp:
+                ctx = ours.clip.text_hidden(ids[:s])
+                unc = ours.clip.text_hidden(ours.empty_ids).expand(s, -1, -1)
+            if not compiled:
+                for name, tune in variants:
+                    with amp:
+                        add("sample", f"diffusers {name}",
+                            reference_sampler(tune(ref_unet), ref_vae, ctx, unc, lat, args.steps, 7.5), n=s)
+                ref_unet.to(memory_format=torch.contiguous_format)
+            with amp:
+                add("sample", tag, our_sampler(ours, ctx, unc, lat, args.steps, 7.5, compiled), n=s)
+        free()
+    print_table(rows, device_name(dev), peak, args.batch, args.res)
+
+
+def device_name(dev):
+    return f"{torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}, torch {torch.__version__}"
+
+
+def print_table(rows, device, peak, batch, res):
+    print(f"\n{device}; batch {batch}, {res} px, bf16 autocast on CUDA; measured bf16 matmul {peak / 1e12:.0f} TFLOP/s\n")
+    print("| case | implementation | img/s | ms/step | peak GB | MFU | vs faster reference |")
+    print("|---|---|---|---|---|---|---|")
+    best = {}
+    for r in rows:
+        if not r["impl"].startswith("ours"):
+            best[r["case"]] = max(best.get(r["case"], 0), r["img_s"])
+    if "sd" in best and "clip" in best:  # the UniDiff step against the two reference steps run one after the other
+        best["unidiff"] = 1 / (1 / best["sd"] + 1 / best["clip"])
+    for r in rows:
+        ratio = f"{r['img_s'] / best[r['case']]:.2f}x" if r["impl"].startswith("ours") and r["case"] in best else ""
+        mfu = f"{100 * r['mfu']:.0f} %" if r["mfu"] == r["mfu"] else ""
+        mem = f"{r['mem_gb']:.1f}" if r["mem_gb"] == r["mem_gb"] else ""
+        print(f"| {r['case']} | {r['impl']} | {r['img_s']:.2f} | {r['ms']:.1f} | {mem} | {mfu} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

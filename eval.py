@@ -1,0 +1,183 @@
+"""The paper's table for a run: retrieval, CLIP score, Fréchet distance, semantic collapse.
+
+    python eval.py --ckpt runs/demo                  # the run's latest checkpoint, on its own data
+    python eval.py --ckpt runs/fashion_woman/step_001000 --data fashion_woman
+
+Each metric is computed for the model the run started from ("pretrained") and for the
+checkpoint, side by side, on the test split (all rows when the data has none):
+- I→T / T→I Recall@1/5/10 (%), each model's own CLIP. A retrieved caption counts as correct
+  when its text equals the query's (small datasets repeat captions).
+- CLIP score: 100 · cos(image, prompt) of images generated from test captions, clamped at 0,
+  judged by the *pretrained* CLIP (the start model's: for a tiny run, its initial weights),
+  so a run cannot raise its own score by bending its CLIP.
+- FD: Fréchet distance between the judge's image features of generated and real test images
+  (FID's formula on CLIP features; biased upward for few images, so compare equal --n only).
+- Collapse: mean pairwise cosine of the test images' embeddings under each model's CLIP;
+  fine-tuning on a small dataset pushes it up (everything looks alike to the model).
+"""
+import argparse
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from data import DataError, open_dataset
+from unidiff import clip_normalise
+from weights import WeightsError
+
+
+def clip_pixels(model, pixels):
+    """(B, 3, H, W) in [-1, 1] -> CLIP's input: resized to its image size, CLIP-normalised (as UniDiff.losses)."""
+    res = model.clip.cfg.vision.image_size
+    x = F.interpolate(pixels.float(), size=(res, res), mode="bicubic", antialias=True, align_corners=False)
+    return clip_normalise((x + 1) / 2)
+
+
+@torch.no_grad()
+def embed_images(model, pixels, batch=64):
+    """L2-normalised CLIP image embeddings (N, D), float32 on the CPU."""
+    dev = model.alphas_cumprod.device
+    out = [model.clip.encode_image(clip_pixels(model, pixels[i:i + batch].to(dev))) for i in range(0, len(pixels), batch)]
+    return F.normalize(torch.cat(out).float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def embed_texts(model, captions, batch=256):
+    dev = model.alphas_cumprod.device
+    out = [model.clip.encode_text(model.tokenizer(captions[i:i + batch]).to(dev)) for i in range(0, len(captions), batch)]
+    return F.normalize(torch.cat(out).float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def embed(model, dataset, batch=64):
+    """(image embeddings, text embeddings) of every pair in `dataset`, normalised, (N, D) each."""
+    imgs, caps = [], []
+    for pixels, captions in DataLoader(dataset, batch_size=batch):
+        imgs.append(embed_images(model, pixels, batch))
+        caps += captions
+    return torch.cat(imgs), embed_texts(model, caps)
+
+
+def retrieval(img, txt, captions, ks=(1, 5, 10)):
+    """Recall@K (%) both ways for normalised embeddings; correct = the same caption text."""
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    label = torch.tensor([ids[c] for c in captions])
+    correct = label[:, None] == label[None, :]  # (N, N): image i matches caption j
+    sim = img @ txt.T  # (N images, N captions)
+    out = {}
+    for name, s, c in (("i2t", sim, correct), ("t2i", sim.T, correct.T)):
+        order = s.argsort(dim=1, descending=True)
+        hit = c.gather(1, order)  # (N, N): is the k-th retrieved item correct
+        for k in ks:
+            out[f"{name}_r{k}"] = 100 * hit[:, :k].any(1).float().mean().item()
+    out["chance_r1"] = 100 * correct.float().mean().item()
+    return out
+
+
+def clip_score(judge, images_u8, prompts):
+    """Mean of 100 · max(cos(E_I(image), E_T(prompt)), 0) under the judge CLIP."""
+    pixels = images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1
+    cos = (embed_images(judge, pixels) * embed_texts(judge, prompts)).sum(-1)
+    return (100 * cos.clamp(min=0)).mean().item()
+
+
+def frechet(a, b):
+    """Fréchet distance between Gaussians fitted to feature sets a (N, D) and b (M, D), in float64.
+
+    ‖μa − μb‖² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½ (symmetric form: eigh, no scipy)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b, ca, cb = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(ca)
+    root_a = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root_a @ cb @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).pow(2).sum() + ca.trace() + cb.trace() - 2 * cross).item()
+
+
+def collapse(img):
+    """Mean pairwise cosine (off the diagonal) of normalised embeddings (N, D)."""
+    n = len(img)
+    return ((img @ img.T).sum() - n).item() / (n * (n - 1))
+
+
+@torch.no_grad()
+def generate(model, prompts, steps, guidance, seed, res, batch):
+    out = [model.generate(prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i, height=res, width=res)
+           for i in range(0, len(prompts), batch)]
+    return torch.cat(out)
+
+
+def evaluate(model, judge, test_set, args):
+    """One column of the table."""
+    img, txt = embed(model, test_set)
+    row = retrieval(img, txt, test_set.captions)
+    n = min(args.n, len(test_set))
+    prompts = test_set.captions[:n]
+    gen = generate(model, prompts, args.steps, args.guidance, args.seed, args.res, args.batch)
+    real = torch.stack([test_set[i][0] for i in range(n)])
+    gen_feat = embed_images(judge, gen.permute(0, 3, 1, 2).float() / 127.5 - 1)
+    row["clip_score"] = clip_score(judge, gen, prompts)
+    row["fd"] = frechet(gen_feat, embed_images(judge, real))
+    row["collapse"] = collapse(img)
+    return row
+
+
+ROWS = [("I→T R@1", "i2t_r1", "{:.1f}"), ("I→T R@5", "i2t_r5", "{:.1f}"), ("I→T R@10", "i2t_r10", "{:.1f}"),
+        ("T→I R@1", "t2i_r1", "{:.1f}"), ("T→I R@5", "t2i_r5", "{:.1f}"), ("T→I R@10", "t2i_r10", "{:.1f}"),
+        ("CLIP score ↑", "clip_score", "{:.2f}"), ("FD (CLIP features) ↓", "fd", "{:.4g}"),
+        ("collapse: mean pairwise cos ↓", "collapse", "{:.3f}")]
+
+
+def table(columns):
+    """columns: {header: row dict} -> a Markdown table."""
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, key, f in ROWS:
+        lines.append(f"| {name} | " + " | ".join(f.format(c[key]) for c in columns.values()) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    from train import RunError, latest_checkpoint, load_model, load_start
+    p = argparse.ArgumentParser(description="Evaluate a run against the model it started from (Markdown table).")
+    p.add_argument("--ckpt", required=True, help="a run folder (its latest checkpoint) or one checkpoint folder")
+    p.add_argument("--data", help="a preset or folder (default: the run's --data); its test split is used")
+    p.add_argument("--n", type=int, default=100, help="images generated for CLIP score and FD (default 100)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--res", type=int, help="generation and data resolution (default: the run's --res)")
+    p.add_argument("--batch", type=int, default=16, help="images generated per batch (default 16)")
+    p.add_argument("--out", help="also write the table to this file")
+    args = p.parse_args(argv)
+    try:
+        ckpt = latest_checkpoint(args.ckpt)
+        run_args = json.loads((ckpt / "state.json").read_text())["args"]
+        args.data, args.res = args.data or run_args["data"], args.res or run_args["res"]
+        test_set = open_dataset(args.data, "test", args.res)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        start, judge_name = load_start(ckpt.parent)
+        model, _ = load_model(ckpt)
+        start.to(device).eval()
+        model.to(device).eval()
+        print(f"evaluating {ckpt} on {args.data} (test split, {len(test_set)} pairs; {min(args.n, len(test_set))} "
+              f"generated at {args.res} px, {args.steps} DDIM steps, guidance {args.guidance})", file=sys.stderr)
+        with amp:
+            columns = {"pretrained": evaluate(start, start, test_set, args),
+                       f"run ({ckpt.name})": evaluate(model, start, test_set, args)}
+    except (DataError, WeightsError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = (table(columns) + f"\n\nCLIP score and FD judged by the pretrained CLIP: {judge_name}. "
+            f"Retrieval and collapse use each model's own CLIP; test split of {args.data} ({len(test_set)} pairs).")
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

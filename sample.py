@@ -1,0 +1,57 @@
+"""Text to image with a trained run: DDIM + classifier-free guidance, saved as one PNG grid.
+
+    python sample.py --ckpt runs/demo --prompt "a red striped dress" --prompt "a pair of blue shoes"
+    python sample.py --ckpt runs/fashion_woman/step_001000 --prompt "..." --n 4 --steps 50 --out grid.png
+
+One row per prompt, `--n` images each. `--ckpt` is a run folder (its latest checkpoint) or one
+checkpoint folder; a checkpoint trained with --ema samples with its EMA weights.
+"""
+import argparse
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from weights import WeightsError
+
+
+def main(argv=None):
+    from train import RunError, latest_checkpoint, load_model, save_grid
+    p = argparse.ArgumentParser(description="Prompts -> a PNG grid (one row per prompt).")
+    p.add_argument("--ckpt", required=True, help="a run folder (its latest checkpoint) or one checkpoint folder")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for more rows")
+    p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--height", type=int, help="pixels (default: the run's training resolution)")
+    p.add_argument("--width", type=int, help="pixels (default: the run's training resolution)")
+    p.add_argument("--out", default="grid.png", help="the PNG to write (default grid.png)")
+    args = p.parse_args(argv)
+    try:
+        ckpt = latest_checkpoint(args.ckpt)
+        res = json.loads((ckpt / "state.json").read_text())["args"]["res"]
+        model, _ = load_model(ckpt)
+    except (WeightsError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    h, w = args.height or res, args.width or res
+    if h % model.down or w % model.down:
+        print(f"error: --height and --width must be multiples of {model.down}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with amp:  # one seed per row, so a prompt's images do not depend on the other prompts
+        rows = [model.generate([prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed + i,
+                               height=h, width=w) for i, prompt in enumerate(args.prompt)]
+    save_grid(rows, Path(args.out))
+    print(f"{args.out}: {len(rows)} prompt(s) × {args.n} images, {w}×{h}, {args.steps} steps, guidance {args.guidance}, "
+          f"seed {args.seed}, from {ckpt}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

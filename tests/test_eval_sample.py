@@ -1,0 +1,69 @@
+"""eval.py and sample.py end to end on a tiny run, and the metrics on inputs with known answers."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import eval as ev
+import sample
+import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert train.main(["--data", "demo", "--res", "16", "--batch-size", "4", "--steps", "2", "--eval-every", "0",
+                       "--ema", "0.5", "--vae-steps", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_eval_prints_the_table_side_by_side(run, capsys, tmp_path):
+    assert ev.main(["--ckpt", str(run), "--n", "6", "--steps", "2", "--batch", "3", "--out", str(tmp_path / "t.md")]) == 0
+    out = capsys.readouterr().out
+    assert "| metric | pretrained | run (step_000002) |" in out
+    assert f"judged by the pretrained CLIP: tiny initial weights ({run / 'init'})" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in out.splitlines() if line.startswith("| ")}
+    for name, _, _ in ev.ROWS:
+        assert all(math.isfinite(float(v)) for v in rows[name])
+    assert (tmp_path / "t.md").read_text().startswith("| metric |")
+
+
+def test_sample_writes_a_grid(run, tmp_path, capsys):
+    out = tmp_path / "g.png"
+    assert sample.main(["--ckpt", str(run / "step_000002"), "--prompt", "a red dress", "--prompt", "a pair of blue shoes",
+                        "--n", "3", "--steps", "2", "--height", "16", "--width", "24", "--out", str(out)]) == 0
+    img = np.asarray(Image.open(out))
+    assert img.shape == (2 * 16, 3 * 24, 3) and img.std() > 0
+    assert sample.main(["--ckpt", str(tmp_path), "--prompt", "x"]) == 2  # not a run: one clear line
+    assert "no checkpoint here" in capsys.readouterr().err
+
+
+def test_checkpoint_loads_with_its_ema_weights(run):
+    model, ckpt = train.load_model(run)
+    ema = train.read_safetensors(ckpt / "ema.safetensors")
+    params = dict(model.named_parameters())
+    assert ema and all(torch.equal(params[k], v) for k, v in ema.items())
+
+
+def test_retrieval_counts_equal_captions_as_correct():
+    torch.manual_seed(0)
+    txt = F.normalize(torch.randn(4, 8), dim=-1)
+    r = ev.retrieval(txt.clone(), txt, ["a", "b", "c", "d"])
+    assert r["i2t_r1"] == r["t2i_r1"] == 100 and r["chance_r1"] == 25
+    img = txt[[1, 0, 2, 3]]  # images 0 and 1 swapped: wrong unless their captions are equal
+    assert ev.retrieval(img, txt, ["a", "b", "c", "d"])["i2t_r1"] == 50
+    assert ev.retrieval(img, txt, ["a", "a", "c", "d"])["i2t_r1"] == 100
+
+
+def test_frechet_and_collapse_on_known_inputs():
+    torch.manual_seed(0)
+    a = torch.randn(500, 4)
+    assert abs(ev.frechet(a, a)) < 1e-6
+    assert ev.frechet(a, a + 3) == pytest.approx(4 * 9, rel=1e-6)  # a shift moves only the means
+    b = torch.randn(500, 4) * 2  # Σb = 4 I: tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½ ≈ 4 + 16 − 16
+    assert ev.frechet(a, b) == pytest.approx(4, abs=1.5)
+    assert ev.collapse(torch.eye(3)) == 0 and ev.collapse(F.normalize(torch.ones(3, 2), dim=-1)) == pytest.approx(1)

@@ -1,0 +1,131 @@
+"""train.py: exact resume, Ctrl-C, a full disk while saving, NaN, bad data, DDP = one process.
+
+Every run is the tiny model at 16 px with a batch of 4 for a few steps, in-process (train.main),
+except DDP, which needs torchrun.
+"""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import train
+from helpers import rel_err
+from test_data import metadata_folder
+from weights import read_safetensors
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--data", "demo", "--res", "16", "--batch-size", "4", "--eval-every", "0", "--warmup", "2", "--vae-steps", "2"]
+
+
+def weights(ckpt):
+    """Every tensor of a checkpoint folder, keyed by file/name."""
+    return {f"{f.relative_to(ckpt)}/{k}": v for f in sorted(Path(ckpt).rglob("*.safetensors"))
+            for k, v in read_safetensors(f).items()}
+
+
+def test_resume_after_ctrl_c_equals_straight_run(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    flags = TINY + ["--steps", "4", "--save-every", "4", "--ema", "0.9", "--grad-accum", "2"]
+    assert train.main(flags + ["--out", str(tmp_path / "a")]) == 0
+
+    real_lr = train.lr_factor
+    def interrupt_at_step_1(step, *a):  # Ctrl-C arrives during the second step
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr(step, *a)
+    monkeypatch.setattr(train, "lr_factor", interrupt_at_step_1)
+    assert train.main(flags + ["--out", str(tmp_path / "b")]) == 130  # saved after finishing step 2, then stopped
+    assert sorted(p.name for p in (tmp_path / "b").glob("step_*")) == ["step_000002"]
+    monkeypatch.setattr(train, "lr_factor", real_lr)
+    assert train.main(["--resume", str(tmp_path / "b")]) == 0
+
+    a, b = weights(tmp_path / "a" / "step_000004"), weights(tmp_path / "b" / "step_000004")
+    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a) and any(".exp_avg_sq" in k for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bit-equal in fp32 on the CPU
+    assert json.loads((tmp_path / "b" / "step_000004" / "state.json").read_text())["samples_seen"] == 16
+
+
+def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    real_save, calls = train.save_safetensors, []
+    def save(sd, path, metadata=None):
+        calls.append(path)
+        if "step_000004" in str(path):  # the second checkpoint dies half-written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(sd, path, metadata)
+    monkeypatch.setattr(train, "save_safetensors", save)
+    assert train.main(TINY + ["--steps", "4", "--save-every", "2", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "step_000002 is intact" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["init", "run.json", "step_000002"]  # no temp left
+    model, ckpt = train.load_model(tmp_path / "r")
+    assert ckpt.name == "step_000002" and isinstance(model, train.UniDiff)
+
+
+def test_nan_loss_stops_cleanly_keeping_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    real, n = train.UniDiff.losses, []
+    def losses(self, *a, **kw):
+        out = real(self, *a, **kw)
+        n.append(1)
+        if len(n) >= 3:  # the third step diverges
+            out["total"] = out["total"] * float("nan")
+        return out
+    monkeypatch.setattr(train.UniDiff, "losses", losses)
+    assert train.main(TINY + ["--steps", "6", "--save-every", "2", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "loss is not finite between steps 3 and 4" in err and "step_000002" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "r").glob("step_*")) == ["step_000002"]
+
+
+def test_bad_data_is_skipped_counted_and_the_run_goes_on(tmp_path, capsys):
+    torch.manual_seed(0)
+    metadata_folder(tmp_path / "set")
+    with open(tmp_path / "set" / "metadata.jsonl", "a") as f:  # a test split, and a caption over 77 tokens
+        for i in range(2):
+            f.write("\n" + json.dumps({"file_name": f"ok{i}.jpg", "text": f"test photo {i}", "split": "test"}))
+        f.write("\n" + json.dumps({"file_name": "ok3.jpg", "text": "long " * 100, "split": "train"}))
+    flags = ["--data", str(tmp_path / "set"), "--model", "tiny", "--res", "16", "--batch-size", "2", "--steps", "2",
+             "--vae-steps", "0", "--eval-every", "2", "--out", str(tmp_path / "r")]
+    assert train.main(flags) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    for line in ["skipped 2: unreadable image", "skipped 1: missing image", "skipped 1: empty caption",
+                 "skipped 1: metadata line not valid UTF-8", "skipped 1: metadata line not valid JSON",
+                 "converted 1: CMYK → RGB", "truncated 1: caption longer than 77 tokens"]:
+        assert line in out
+    assert (tmp_path / "r" / "step_000002" / "state.json").is_file()
+    assert (tmp_path / "r" / "samples" / "step_000002.png").is_file()
+    # an empty folder is one clear message
+    (tmp_path / "empty").mkdir()
+    assert train.main(["--data", str(tmp_path / "empty"), "--model", "tiny", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "no images found" in err and "Traceback" not in err
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    # ITC only: its result is independent of how the batch is split over ranks (the diffusion noise
+    # is drawn per rank), so both runs must reach the same weights up to float summation order.
+    flags = TINY + ["--steps", "3", "--save-every", "3", "--lambda-is", "0", "--lambda-rsc", "0", "--train", "text,vision"]
+    torch.manual_seed(0)
+    assert train.main(flags + ["--out", str(tmp_path / "one")]) == 0
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *flags, "--out", str(tmp_path / "two")],
+                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "global batch 4 = 2 rank(s) × 1 micro-step(s) × 2" in two.stdout
+    a, b = weights(tmp_path / "one" / "step_000003"), weights(tmp_path / "two" / "step_000003")
+    moved = weights(tmp_path / "one" / "init")
+    assert a.keys() == b.keys()
+    clip = [k for k in a if k.startswith("clip/")]
+    assert any(not torch.equal(a[k], moved[k]) for k in clip)  # training did move the weights
+    # Attention key biases have an exactly zero gradient (softmax ignores a shift shared by all keys): what
+    # they get is rounding noise, which Adam scales up to full steps, so they are not comparable.
+    same = [k for k in a if a[k].is_floating_point() and "k_proj.bias" not in k]
+    assert max(rel_err(b[k], a[k]) for k in same) < 1e-5

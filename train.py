@@ -1,0 +1,532 @@
+"""Fine-tune CLIP and Stable Diffusion together with ITC + IS + RSC: the plain PyTorch loop.
+
+    python train.py --data demo                    # tiny model, synthetic garments, CPU, a few minutes
+    python train.py --data fashion_woman           # SD 1.5 + CLIP ViT-L/14 (weights fetched once)
+    torchrun --nproc_per_node=8 train.py --data fashion_woman   # DDP: the same run, 8 GPUs
+    python train.py --resume runs/fashion_woman    # continue exactly where it stopped
+
+A run folder holds `run.json` (where the run started: eval.py's judge), `samples/` (a PNG grid
+per validation) and one folder per checkpoint, `step_000500/`, each complete on its own: the
+model in the public layouts (diffusers folder + `clip/` transformers folder, see UniDiff.save),
+`optimizer.safetensors`, `ema.safetensors` (with --ema) and `state.json` (step, data position,
+arguments). Nothing is pickled. A checkpoint is written to a hidden temp folder, then renamed.
+
+`--batch-size` is the global batch of one optimizer step: it is split over the DDP ranks and
+the `--grad-accum` micro-steps, so one GPU and eight give the same run. The data order is a
+seeded permutation per epoch, and each micro-step's randomness (timesteps, noise, caption
+dropout) comes from a generator seeded by (seed, step, micro-step, rank): resuming at step N
+restores both exactly, with nothing to store but N.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from data import DataError, open_dataset
+from unidiff import UniDiff
+from weights import CLIP_REPO, SD15_REPO, WeightsError, ensure_weights, read_safetensors, save_safetensors
+
+# Defaults of a real fine-tune (SD 1.5 + CLIP-L at 512 px), and what `--data demo` changes.
+DEFAULTS = dict(data=None, model="sd15", weights=None, steps=2000, batch_size=16, out=None, save_every=500,
+                eval_every=250, seed=0, lambda_itc=1.0, lambda_is=1.0, lambda_rsc=0.1, rsc_t_max=500,
+                lr_unet=1e-5, lr_clip=1e-6, train="unet,text,vision", grad_accum=1, grad_ckpt=False, ema=0.0,
+                warmup=100, compile=False, workers=None, res=512, max_grad_norm=1.0, vae_steps=200)
+DEMO = dict(model="tiny", steps=300, batch_size=32, res=32, lr_unet=2e-3, lr_clip=1e-3, save_every=100,
+            eval_every=50, warmup=20)
+LOG_EVERY = 10  # steps between progress lines (and NaN / Ctrl-C checks: the only host syncs)
+SAMPLE = dict(n=8, steps=25, guidance=5.0)  # the validation grid: 8 test captions, 25 DDIM steps
+
+
+class RunError(Exception):
+    """A problem that stops the run cleanly; the message says what happened and what to do."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add = lambda flag, help, **kw: p.add_argument(flag, default=None, help=help, **kw)
+    add("--data", "a preset (fashion_woman, fashion_man, ecommerce_product, demo) or a folder")
+    add("--model", "sd15: SD 1.5 + CLIP ViT-L/14; tiny: random CPU-sized (default: tiny for demo)", choices=["sd15", "tiny"])
+    add("--weights", "folder of the pretrained weights (default: $UNIDIFF_WEIGHTS, else weights/)")
+    add("--steps", "optimizer steps in all (default 2000; demo 400)", type=int)
+    add("--batch-size", "global batch per optimizer step, over all ranks and micro-steps (default 16; demo 32)", type=int)
+    add("--out", "the run folder (default runs/<data>)")
+    add("--save-every", "steps between checkpoints (default 500; demo 200; 0: only at the end)", type=int)
+    add("--eval-every", "steps between validations: test retrieval + a sample grid (default 250; demo 100; 0: none)",
+        type=int)
+    add("--seed", "seed of the data order, noise and (tiny) the initial weights (default 0)", type=int)
+    add("--resume", "continue the run in this folder from its latest checkpoint (flags given again override)")
+    add("--lambda-itc", "weight of the image-text contrastive loss (default 1)", type=float)
+    add("--lambda-is", "weight of the image-synthesis (diffusion) loss (default 1)", type=float)
+    add("--lambda-rsc", "weight of the reciprocal semantic consistency loss (default 0.1)", type=float)
+    add("--rsc-t-max", "RSC uses the samples with timestep t < this (default 500)", type=int)
+    add("--lr-unet", "peak learning rate of the UNet (default 1e-5; demo 2e-3)", type=float)
+    add("--lr-clip", "peak learning rate of CLIP, both towers (default 1e-6; demo 1e-3)", type=float)
+    add("--train", "the parts that train, comma-separated from unet,text,vision (default: all three)")
+    add("--grad-accum", "micro-steps per optimizer step (default 1): less memory, same global batch", type=int)
+    add("--grad-ckpt", "gradient checkpointing: recompute activations in backward (less memory, ~30%% slower)",
+        action="store_const", const=True)
+    add("--ema", "EMA decay of the trained weights, e.g. 0.9999 (default 0: no EMA)", type=float)
+    add("--warmup", "linear warm-up steps before the cosine decay (default 100; demo 20)", type=int)
+    add("--compile", "torch.compile the training step", action="store_const", const=True)
+    add("--workers", "data loader processes per rank (default 4 on GPU, 0 on CPU)", type=int)
+    add("--res", "training resolution in pixels (default 512; demo 32)", type=int)
+    add("--max-grad-norm", "clip the gradient norm to this (default 1; 0: no clipping)", type=float)
+    add("--vae-steps", "tiny only: steps fitting its random VAE as an autoencoder first (default 200)", type=int)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    if "resume" in given:  # the run's own arguments, then whatever was given again
+        state = json.loads((latest_checkpoint(given["resume"]) / "state.json").read_text())
+        args = {**state["args"], **given, "out": given["resume"]}
+    else:
+        if "data" not in given:
+            p.error("--data is required (a preset, a folder, or demo), or --resume RUN_DIR")
+        base = {**DEFAULTS, **(DEMO if given["data"] == "demo" else {})}
+        args = {**base, **given}
+        args["out"] = args["out"] or str(Path("runs") / Path(args["data"]).name)
+        args["resume"] = None
+    return argparse.Namespace(**args)
+
+
+# ------------------------------------------------------------------------------ run folders
+
+def latest_checkpoint(path):
+    """A checkpoint folder, or the newest complete `step_*` folder of a run folder."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    steps = sorted(p for p in path.glob("step_*") if (p / "state.json").is_file())
+    if not steps:
+        raise RunError(f"{path}: no checkpoint here (expected a run folder with step_* folders, or one of them)")
+    return steps[-1]
+
+
+def load_model(path):
+    """(UniDiff, checkpoint folder) for a run folder or a checkpoint; its EMA weights when it has them."""
+    ckpt = latest_checkpoint(path)
+    model = UniDiff.from_pretrained(ckpt)
+    if (ckpt / "ema.safetensors").is_file():
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in read_safetensors(ckpt / "ema.safetensors").items():
+                params[name].copy_(value)
+    return model, ckpt
+
+
+def load_start(run):
+    """The model a run started from (eval.py's pretrained side and CLIP-score judge), and its name."""
+    run = Path(run if (Path(run) / "run.json").is_file() else latest_checkpoint(run).parent)
+    if not (run / "run.json").is_file():
+        raise RunError(f"{run}/run.json not found: it records the model the run started from (the pretrained "
+                       "side of the table and the CLIP-score judge); pass a checkpoint inside its run folder")
+    start = json.loads((run / "run.json").read_text())["start"]
+    if "init" in start:
+        return UniDiff.from_pretrained(run / start["init"]), f"{start['model']} initial weights ({run / start['init']})"
+    return UniDiff.from_pretrained(start["sd"], clip=start["clip"]), f"pretrained {start['sd']} + {start['clip']}"
+
+
+def save_checkpoint(run, step, model, named, opt, ema, state):
+    """Write `run/step_XXXXXX/` atomically: into a hidden temp folder, renamed when complete."""
+    final, tmp = run / f"step_{step:06d}", run / f".step_{step:06d}.tmp"
+    if final.exists():
+        return final
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save(tmp)
+        save_safetensors(optimizer_tensors(opt, named), tmp / "optimizer.safetensors")
+        if ema is not None:
+            save_safetensors(dict(zip((n for n, _ in named), ema)), tmp / "ema.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        os.rename(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
+        if isinstance(e, OSError):
+            prev = sorted(run.glob("step_*"))
+            raise RunError(f"could not write checkpoint {final} ({e.strerror or e}); nothing was lost: "
+                           + (f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint")
+                           + ". Free some disk space and --resume.") from None
+        raise
+    return final
+
+
+def optimizer_tensors(opt, named):
+    """AdamW's state as flat named tensors (`<param>.exp_avg`, ...): safetensors, not a pickle."""
+    out = {}
+    for name, p in named:
+        for k, v in opt.state.get(p, {}).items():
+            out[f"{name}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def load_optimizer(opt, named, tensors):
+    by_index = {}
+    for i, (name, _) in enumerate(named):  # state_dict() numbers the parameters in group order, as `named`
+        keys = [k for k in ("step", "exp_avg", "exp_avg_sq") if f"{name}.{k}" in tensors]
+        if keys:
+            by_index[i] = {k: tensors[f"{name}.{k}"] for k in keys}
+    opt.load_state_dict({"state": by_index, "param_groups": opt.state_dict()["param_groups"]})
+
+
+# ------------------------------------------------------------------------------ data order
+
+class Batches(torch.utils.data.Sampler):
+    """Index lists of this rank's micro-batches, from position `start` of the endless stream of
+    seeded per-epoch permutations. Global micro-batch k is positions [k·world·b, (k+1)·world·b);
+    rank r takes its r-th slice, so any world size reads the same samples per step."""
+
+    def __init__(self, n, micro, world, rank, seed, start):
+        self.n, self.micro, self.world, self.rank, self.seed, self.start = n, micro, world, rank, seed, start
+
+    def __iter__(self):
+        pos, perm, epoch = self.start + self.rank * self.micro, None, -1
+        while True:
+            idx = []
+            while len(idx) < self.micro:
+                if pos // self.n != epoch:
+                    epoch = pos // self.n
+                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                take = min(self.micro - len(idx), self.n - pos % self.n)
+                idx += perm[pos % self.n: pos % self.n + take].tolist()
+                pos += take
+            yield idx
+            pos += (self.world - 1) * self.micro  # skip the other ranks' slices
+
+
+def step_seed(*parts):
+    """A 63-bit seed from (seed, step, micro-step, rank): independent streams, reproducible on resume."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def lr_factor(step, warmup, total):
+    """Linear warm-up to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def to_uint8(pixels):
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
+    return ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def save_grid(rows, path):
+    """rows: list of uint8 (N, H, W, 3) -> one PNG, a row each, written atomically."""
+    grid = torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0).numpy()  # (rows·H, N·W, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, path)
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ------------------------------------------------------------------------------ the run
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        return train(args)
+    except (DataError, WeightsError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args):
+    from eval import embed, retrieval  # the metrics live in eval.py
+
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    master = rank == 0
+    say = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()  # CPU: fp32
+    run = Path(args.out)
+
+    micro, rem = divmod(args.batch_size, world * args.grad_accum)
+    if rem or not micro:
+        raise RunError(f"--batch-size {args.batch_size} must be a multiple of ranks × --grad-accum "
+                       f"= {world} × {args.grad_accum}")
+    parts = args.train.split(",")
+    if not parts or set(parts) - {"unet", "text", "vision"}:
+        raise RunError(f"--train {args.train!r}: choose from unet, text, vision (comma-separated)")
+
+    # -- data
+    train_set, test_set = (open_dataset(args.data, split, args.res) for split in ("train", "test"))
+    if master:  # what was skipped, converted, truncated at 77 tokens: counted, never silent
+        from clip import Tokenizer
+        seen = set()
+        for split, ds in (("train", train_set), ("test", test_set)):
+            for line in ds.report(Tokenizer().lengths):
+                if line not in seen:
+                    say(f"data ({split}): {line}")
+                    seen.add(line)
+
+    # -- model: a checkpoint, or where the run starts
+    ckpt = latest_checkpoint(run) if args.resume else None
+    if ckpt is None and any(run.glob("step_*")):
+        raise RunError(f"{run} already holds checkpoints: continue it with --resume {run}, or pick another --out")
+    if ckpt is not None:
+        say(f"resuming from {ckpt}")
+        model = UniDiff.from_pretrained(ckpt)
+    elif args.model == "tiny":
+        model = UniDiff.tiny(seed=args.seed)
+        fit_vae(model.vae, train_set, args.vae_steps, args.seed, say)
+    else:
+        if master:
+            ensure_weights(args.weights)  # one rank downloads; the others wait, then read
+        if ddp:
+            dist.barrier()
+        folders = ensure_weights(args.weights)
+        model = UniDiff.from_pretrained(folders[SD15_REPO], clip=folders[CLIP_REPO])
+    if model.clip.vision_model is None and (args.lambda_itc or args.lambda_rsc):
+        raise RunError("ITC and RSC need a CLIP with a vision tower; this model has a text encoder only")
+    if ckpt is None and master:
+        run.mkdir(parents=True, exist_ok=True)
+        if args.model == "tiny":  # random weights: keep them, they are the run's "pretrained" model
+            shutil.rmtree(run / "init", ignore_errors=True)
+            model.save(run / "init")
+            start = {"model": "tiny", "seed": args.seed, "init": "init"}
+        else:
+            start = {"model": "sd15", "sd": str(folders[SD15_REPO].resolve()), "clip": str(folders[CLIP_REPO].resolve())}
+        (run / "run.json").write_text(json.dumps({"start": start, "args": vars(args)}, indent=2))
+
+    model.to(device)
+    if cuda:  # convolutions run fastest on NHWC tensors
+        model.unet.to(memory_format=torch.channels_last)
+        model.vae.to(memory_format=torch.channels_last)
+    model.unet.grad_ckpt = model.clip.grad_ckpt = model.vae.grad_ckpt = bool(args.grad_ckpt)
+    model.requires_grad_(False)
+    towers = {"unet": [model.unet], "text": [model.clip.text_model, model.clip.text_projection],
+              "vision": [model.clip.vision_model, model.clip.visual_projection]}
+    for part in parts:
+        for m in towers[part]:
+            m.requires_grad_(True)
+    if {"text", "vision"} & set(parts):
+        model.clip.logit_scale.requires_grad_(True)
+    # Per-part learning rates; no weight decay on biases, norms and the logit scale (1-d tensors).
+    groups = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(("unet" if n.startswith("unet.") else "clip", p.ndim >= 2), []).append((n, p))
+    named = [np_ for g in groups.values() for np_ in g]  # in group order: the optimizer numbers them so
+    params = [p for _, p in named]
+    lrs = {"unet": args.lr_unet, "clip": args.lr_clip}
+    opt = torch.optim.AdamW([{"params": [p for _, p in g], "base_lr": lrs[part], "lr": lrs[part],
+                              "weight_decay": 1e-2 if decay else 0.0} for (part, decay), g in groups.items()],
+                            betas=(0.9, 0.999), eps=1e-8, fused=cuda)
+    ema = [p.detach().float().clone() for p in params] if args.ema else None
+    step = 0
+    if ckpt is not None:
+        state = json.loads((ckpt / "state.json").read_text())
+        step = state["step"]
+        load_optimizer(opt, named, read_safetensors(ckpt / "optimizer.safetensors"))
+        if ema is not None:
+            saved = read_safetensors(ckpt / "ema.safetensors") if (ckpt / "ema.safetensors").is_file() else {}
+            ema = [saved[n].to(device) if n in saved else p.detach().float().clone() for n, p in named]
+    say(f"model: {args.model}, training {', '.join(parts)} ({sum(p.numel() for p in params) / 1e6:.1f}M parameters); "
+        f"global batch {args.batch_size} = {world} rank(s) × {args.grad_accum} micro-step(s) × {micro}; "
+        f"{args.res} px; {'bf16 autocast on ' + torch.cuda.get_device_name(device) if cuda else 'fp32 on CPU'}")
+
+    losses_kw = dict(lambda_itc=args.lambda_itc, lambda_is=args.lambda_is, lambda_rsc=args.lambda_rsc,
+                     t_max=args.rsc_t_max)
+    net = model
+    if ddp:  # a λ of 0 leaves parts without gradient: DDP must then look for unused parameters
+        net = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False,
+                  find_unused_parameters=not all(losses_kw[k] for k in ("lambda_itc", "lambda_is", "lambda_rsc")))
+    fwd = torch.compile(net) if args.compile else net
+
+    workers = args.workers if args.workers is not None else (4 if cuda else 0)
+    loader = DataLoader(train_set, batch_sampler=Batches(len(train_set), micro, world, rank, args.seed,
+                                                         step * args.batch_size),
+                        num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
+    batches = iter(loader)
+    tokenizer = model.tokenizer
+
+    def validate():
+        if master:
+            model.eval()
+            with swap_in(params, ema), amp:
+                img, txt = embed(model, test_set)
+                r = retrieval(img, txt, test_set.captions)
+                say(f"step {step} | test retrieval, {len(test_set)} pairs{' (EMA)' if ema else ''}: "
+                    f"I→T R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} | "
+                    f"T→I {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f} | chance R@1 {r['chance_r1']:.1f} (%)")
+                picks = distinct(test_set.captions, SAMPLE["n"])
+                real = to_uint8(torch.stack([test_set[i][0] for i in picks]))
+                gen = model.generate([test_set.captions[i] for i in picks], steps=SAMPLE["steps"],
+                                     guidance=SAMPLE["guidance"], seed=0, height=args.res, width=args.res)
+            save_grid([real, gen], run / "samples" / f"step_{step:06d}.png")
+            model.train()
+        if ddp:
+            dist.barrier()
+
+    def save():
+        path = None
+        if master:
+            state = {"step": step, "samples_seen": step * args.batch_size, "world": world, "args": vars(args),
+                     "rng": "derived: a generator seeded by (seed, step, micro-step, rank) each micro-step"}
+            path = save_checkpoint(run, step, model, named, opt, ema, state)
+            say(f"step {step} | saved {path}")
+        if ddp:
+            dist.barrier()
+        return path
+
+    stop = []  # Ctrl-C: finish the step, save, exit; a second Ctrl-C exits at once
+    def on_sigint(*_):
+        stop.append(1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        say("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+
+    try:
+        if step == 0 and args.eval_every:
+            validate()
+        sums = torch.zeros(4, device=device)  # itc, is, rsc, total summed over the steps since the last line
+        n_sum, t_line, t_run, steps_run = 0, time.time(), 0.0, 0
+        gen = torch.Generator(device)
+        while step < args.steps:
+            factor = lr_factor(step, args.warmup, args.steps)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            for a in range(args.grad_accum):
+                pixels, captions = next(batches)
+                pixels = pixels.to(device, non_blocking=True)
+                if cuda:
+                    pixels = pixels.contiguous(memory_format=torch.channels_last)
+                ids = tokenizer(captions).to(device, non_blocking=True)
+                gen.manual_seed(step_seed(args.seed, step, a, rank))
+                sync = nullcontext() if not ddp or a == args.grad_accum - 1 else net.no_sync()
+                with sync:
+                    with amp:
+                        out = fwd(pixels, ids, generator=gen, **losses_kw)
+                    (out["total"] / args.grad_accum).backward()
+                sums += torch.stack([out[k].detach().float() for k in ("itc", "is_", "rsc", "total")]) / args.grad_accum
+            if args.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - args.ema)
+            step, n_sum = step + 1, n_sum + 1
+            at_eval = bool(args.eval_every) and (step % args.eval_every == 0 or step == args.steps)
+            at_save = step == args.steps or bool(args.save_every) and step % args.save_every == 0
+            if step % LOG_EVERY and not (at_eval or at_save or (stop and not ddp)):
+                continue
+            # -- a sync point: progress line, NaN check, Ctrl-C agreement between ranks
+            flags = torch.cat([sums, torch.tensor([float(bool(stop))], device=device)])
+            if ddp:
+                dist.all_reduce(flags)
+            mean = (flags[:4] / (n_sum * world)).tolist()
+            elapsed = time.time() - t_line
+            t_run, steps_run = t_run + elapsed, steps_run + n_sum
+            if not all(map(math.isfinite, mean)):
+                last = sorted(run.glob("step_*"))
+                raise RunError(f"the loss is not finite between steps {step - n_sum + 1} and {step} "
+                               f"(itc {mean[0]:.4g}, is {mean[1]:.4g}, rsc {mean[2]:.4g}). Stopped without saving; "
+                               + (f"the last good checkpoint is {last[-1]} (--resume {run})" if last
+                                  else "there is no checkpoint yet")
+                               + ". Try lower learning rates (--lr-unet/--lr-clip) or --max-grad-norm.")
+            say(f"step {step}/{args.steps} | loss {mean[3]:.4f} (itc {mean[0]:.4f} is {mean[1]:.4f} rsc {mean[2]:.4f}) | "
+                f"lr ×{factor:.3f} | {n_sum * args.batch_size / elapsed:.1f} img/s | "
+                f"ETA {fmt_time((args.steps - step) * t_run / steps_run)}")
+            sums.zero_()
+            n_sum = 0
+            if flags[4] > 0:
+                path = save()
+                say(f"stopped at step {step}: continue with  python train.py --resume {run}")
+                return 130
+            if at_eval:
+                validate()
+            if at_save:
+                save()
+            t_line = time.time()
+        say(f"done: {step} steps; checkpoints in {run}/, samples in {run / 'samples'}/")
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+
+
+def fit_vae(vae, dataset, steps, seed, say, batch=16, lr=3e-3):
+    """Fit a random (tiny) VAE as an autoencoder: SD's VAE comes pretrained, and a random decoder
+    would turn every latent, however well the UNet learns, into noise. Then, as SD did, set its
+    scaling factor so the latents the UNet sees have unit variance. Deterministic in `seed`."""
+    if not steps:
+        return
+    t0, crop = time.time(), max(8, dataset[0][0].shape[-1] // 2)
+    vae.requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr, weight_decay=0)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.stack([dataset[i][0] for i in torch.randint(0, len(dataset), (batch,), generator=g).tolist()])
+        top, left = torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=g).tolist()
+        x = x[..., top:top + crop, left:left + crop]  # convolutions are local: half-size crops, 4x cheaper
+        mean, logvar = vae.encode(x)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()  # keeps the posterior a distribution
+        mse = (vae.decode(z) - x).pow(2).mean()
+        (mse + 1e-4 * kl).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    vae.requires_grad_(False)
+    with torch.no_grad():
+        x = torch.stack([dataset[i][0] for i in range(min(256, len(dataset)))])
+        std = vae.encode(x)[0].std().item()
+    vae.cfg = dataclasses.replace(vae.cfg, scaling_factor=1 / std)  # saved in config.json, as SD's 0.18215
+    say(f"tiny VAE fitted as an autoencoder: {steps} steps, reconstruction MSE {mse.item():.4f}, "
+        f"scaling factor {1 / std:.4f} ({time.time() - t0:.0f}s)")
+
+
+class swap_in:
+    """Temporarily put the EMA weights into the model (validation), then restore the live ones."""
+
+    def __init__(self, params, ema):
+        self.params, self.ema = params, ema
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.live = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_([p.data for p in self.params], self.ema)
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            torch._foreach_copy_([p.data for p in self.params], self.live)
+
+
+def distinct(captions, n):
+    """Indices of the first n items with different captions (a sample grid of n different prompts)."""
+    seen, out = set(), []
+    for i, c in enumerate(captions):
+        if c not in seen:
+            seen.add(c)
+            out.append(i)
+            if len(out) == n:
+                break
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
