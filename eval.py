@@ -26,22 +26,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from data import DataError, open_dataset
-from unidiff import clip_normalise
 from weights import WeightsError
-
-
-def clip_pixels(model, pixels):
-    """(B, 3, H, W) in [-1, 1] -> CLIP's input: resized to its image size, CLIP-normalised (as UniDiff.losses)."""
-    res = model.clip.cfg.vision.image_size
-    x = F.interpolate(pixels.float(), size=(res, res), mode="bicubic", antialias=True, align_corners=False)
-    return clip_normalise((x + 1) / 2)
 
 
 @torch.no_grad()
 def embed_images(model, pixels, batch=64):
     """L2-normalised CLIP image embeddings (N, D), float32 on the CPU."""
     dev = model.alphas_cumprod.device
-    out = [model.clip.encode_image(clip_pixels(model, pixels[i:i + batch].to(dev))) for i in range(0, len(pixels), batch)]
+    out = [model.clip.encode_image(model.clip_pixels(pixels[i:i + batch].to(dev))) for i in range(0, len(pixels), batch)]
     return F.normalize(torch.cat(out).float(), dim=-1).cpu()
 
 

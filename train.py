@@ -14,7 +14,8 @@ arguments). Nothing is pickled. A checkpoint is written to a hidden temp folder,
 `--batch-size` is the global batch of one optimizer step: it is split over the DDP ranks and
 the `--grad-accum` micro-steps, so one GPU and eight give the same run. The data order is a
 seeded permutation per epoch, and each micro-step's randomness (timesteps, noise, caption
-dropout) comes from a generator seeded by (seed, step, micro-step, rank): resuming at step N
+dropout) comes from a generator seeded by (seed, step, micro-step), the same on every rank
+(UniDiff.losses draws for the global batch and keeps the rank's rows): resuming at step N
 restores both exactly, with nothing to store but N.
 """
 import argparse
@@ -205,7 +206,7 @@ class Batches(torch.utils.data.Sampler):
 
 
 def step_seed(*parts):
-    """A 63-bit seed from (seed, step, micro-step, rank): independent streams, reproducible on resume."""
+    """A 63-bit seed from (seed, step, micro-step): independent streams, reproducible on resume."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
 
@@ -388,7 +389,7 @@ def train(args):
         path = None
         if master:
             state = {"step": step, "samples_seen": step * args.batch_size, "world": world, "args": vars(args),
-                     "rng": "derived: a generator seeded by (seed, step, micro-step, rank) each micro-step"}
+                     "rng": "derived: a generator seeded by (seed, step, micro-step) each micro-step"}
             path = save_checkpoint(run, step, model, named, opt, ema, state)
             say(f"step {step} | saved {path}")
         if ddp:
@@ -418,7 +419,7 @@ def train(args):
                 if cuda:
                     pixels = pixels.contiguous(memory_format=torch.channels_last)
                 ids = tokenizer(captions).to(device, non_blocking=True)
-                gen.manual_seed(step_seed(args.seed, step, a, rank))
+                gen.manual_seed(step_seed(args.seed, step, a))
                 sync = nullcontext() if not ddp or a == args.grad_accum - 1 else net.no_sync()
                 with sync:
                     with amp:

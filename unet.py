@@ -80,8 +80,10 @@ PRESETS = {
     "sd15": UNetConfig(),
     "sd2": UNetConfig(num_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
                       upcast_attention=True, sample_size=96),  # 64-dim heads: 320/5 = 640/10 = 1280/20
+    # CPU-sized. Groups of 4+ channels: with one channel per group, GroupNorm would cancel the
+    # per-channel timestep shift and the UNet could not see t.
     "tiny": UNetConfig(block_out_channels=(32, 64), cross_attn=(True, False), layers_per_block=1,
-                       num_heads=2, cross_attention_dim=32, sample_size=32),
+                       num_heads=2, cross_attention_dim=32, norm_num_groups=8, sample_size=32),
 }
 
 

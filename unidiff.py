@@ -8,14 +8,16 @@ layouts, and the original single-file layout that ComfyUI / A1111 read.
 import json
 import logging
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from clip import CLIP, MEAN, STD, PRESETS as CLIP_PRESETS, CLIPConfig, Tokenizer, load_clip
-from losses import is_loss, itc_loss, rsc_loss, snr, v_target
+from losses import is_loss, itc_loss, rsc_loss, snr, v_target, world_size
 from unet import PRESETS as UNET_PRESETS, UNet, load_unet
 from vae import PRESETS as VAE_PRESETS, VAE, load_vae
 from weights import WeightsError, read_safetensors, save_safetensors, strip_prefix
@@ -87,6 +89,12 @@ class UniDiff(nn.Module):
         """Pixels per latent pixel: the VAE halves the size at all but its last level (8 for SD)."""
         return 2 ** (len(self.vae.cfg.block_out_channels) - 1)
 
+    def clip_pixels(self, pixels):
+        """Pixels in [-1, 1] at any size -> CLIP's input: resized to its resolution, normalised."""
+        res = self.clip.cfg.vision.image_size
+        x = F.interpolate(pixels, size=(res, res), mode="bicubic", antialias=True, align_corners=False)
+        return clip_normalise((x + 1) / 2)  # (B, 3, res, res)
+
     def forward(self, *args, **kwargs):  # so DistributedDataParallel(model)(pixels, ids) computes the losses
         return self.losses(*args, **kwargs)
 
@@ -97,27 +105,30 @@ class UniDiff(nn.Module):
         A loss whose λ is 0 is not computed (its entry is 0). `generator` (on pixels' device) fixes t, ε, dropout.
         """
         B, dev = len(pixels), pixels.device
+        # Under DDP every rank draws the randomness of the whole global batch and keeps its own rows,
+        # so a run on N ranks equals one process with the same global batch (given equal generators).
+        W, r = world_size(), dist.get_rank() if world_size() > 1 else 0
+        draw = lambda fn, *shape, **kw: fn((W * B, *shape), generator=generator, device=dev, **kw)[r * B:(r + 1) * B]
         zero = pixels.new_zeros(())
         out = dict(itc=zero, is_=zero, rsc=zero)
         hidden = self.clip.text_hidden(ids)  # (B, 77, W): one text pass serves all three losses
         if lambda_itc or lambda_rsc:
             txt_emb = self.clip.pool_text(hidden, ids)  # (B, D)
-            res = self.clip.cfg.vision.image_size
-            real = F.interpolate(pixels, size=(res, res), mode="bicubic", antialias=True, align_corners=False)
-            real = clip_normalise((real + 1) / 2)  # (B, 3, res, res)
+            real = self.clip_pixels(pixels)  # (B, 3, res, res)
+            res = real.shape[-1]
         if lambda_itc:
             img_emb = self.clip.encode_image(real)
             out["itc"] = itc_loss(img_emb, txt_emb, self.clip.logit_scale)
         if lambda_is or lambda_rsc:
             with torch.no_grad():  # frozen VAE: the latents are data
                 mean, logvar = self.vae.encode(pixels)
-                z0 = self.vae.cfg.scaling_factor * (mean + (0.5 * logvar).exp() * torch.randn(
-                    mean.shape, generator=generator, device=dev, dtype=mean.dtype))  # (B, 4, h, w)
-            t = torch.randint(0, len(self.alphas_cumprod), (B,), generator=generator, device=dev)
-            noise = torch.randn(z0.shape, generator=generator, device=dev, dtype=z0.dtype)
+                eps = draw(torch.randn, *mean.shape[1:], dtype=mean.dtype)
+                z0 = self.vae.cfg.scaling_factor * (mean + (0.5 * logvar).exp() * eps)  # (B, 4, h, w)
+            t = draw(partial(torch.randint, 0, len(self.alphas_cumprod)))
+            noise = draw(torch.randn, *z0.shape[1:], dtype=z0.dtype)
             a = self.alphas_cumprod[t].view(B, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            drop = torch.rand(B, generator=generator, device=dev) < p_uncond  # caption -> "" for classifier-free guidance
+            drop = draw(torch.rand) < p_uncond  # caption -> "" for classifier-free guidance
             ctx = torch.where(drop[:, None, None], self.clip.text_hidden(self.empty_ids), hidden)
             pred = self.unet(zt, t, ctx)
             target = v_target(z0, noise, self.alphas_cumprod, t) if self.v_prediction else noise

@@ -5,7 +5,6 @@ encoder.mid_block.attentions.0.to_q.weight, ...), so `vae/diffusion_pytorch_mode
 loads with a strict load_state_dict and no renaming. unet.py reuses ResnetBlock, Downsample,
 Upsample and `maybe_ckpt` from here.
 """
-import dataclasses
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -57,7 +56,7 @@ def _aslist(v):  # config.json has lists, a live diffusers config may hold tuple
 
 PRESETS = {
     "sd": VAEConfig(),  # SD 1.x and 2.x share this autoencoder
-    "tiny": VAEConfig(block_out_channels=(32, 64), layers_per_block=1, sample_size=64),  # CPU-sized, 2x downsampling
+    "tiny": VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),  # CPU-sized, 2x down
 }
 
 
@@ -258,8 +257,9 @@ def infer_config(sd):
                         block_out_channels=ch, layers_per_block=layers)
     except (KeyError, ValueError) as e:
         raise WeightsError(f"cannot infer a VAE config from these tensors (no {e}); is this an AutoencoderKL?") from None
-    # GroupNorm's group count is not stored: the default 32 (SD's and our presets'). A matching preset is returned.
-    return next((p for p in PRESETS.values() if dataclasses.replace(p, sample_size=cfg.sample_size) == cfg), cfg)
+    # GroupNorm's group count is not stored: a preset of the same shapes gives it, else SD's 32.
+    shape = ("in_channels", "latent_channels", "block_out_channels", "layers_per_block")
+    return next((p for p in PRESETS.values() if all(getattr(p, f) == getattr(cfg, f) for f in shape)), cfg)
 
 
 def load_vae(path):

@@ -109,9 +109,9 @@ def test_bad_data_is_skipped_counted_and_the_run_goes_on(tmp_path, capsys):
 
 
 def test_ddp_two_processes_equal_one(tmp_path):
-    # ITC only: its result is independent of how the batch is split over ranks (the diffusion noise
-    # is drawn per rank), so both runs must reach the same weights up to float summation order.
-    flags = TINY + ["--steps", "3", "--save-every", "3", "--lambda-is", "0", "--lambda-rsc", "0", "--train", "text,vision"]
+    # All three losses, every part trained: the global batch, its noise and timesteps are the same
+    # however they are split over ranks, so both runs reach the same weights up to summation order.
+    flags = TINY + ["--steps", "3", "--save-every", "3", "--rsc-t-max", "1000"]
     torch.manual_seed(0)
     assert train.main(flags + ["--out", str(tmp_path / "one")]) == 0
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -128,4 +128,6 @@ def test_ddp_two_processes_equal_one(tmp_path):
     # Attention key biases have an exactly zero gradient (softmax ignores a shift shared by all keys): what
     # they get is rounding noise, which Adam scales up to full steps, so they are not comparable.
     same = [k for k in a if a[k].is_floating_point() and "k_proj.bias" not in k]
-    assert max(rel_err(b[k], a[k]) for k in same) < 1e-5
+    # Reductions in another order differ by rounding, which Adam's normalisation lifts to ~2e-5 of a
+    # weight's scale over 3 steps; a real mismatch (e.g. noise drawn per rank) gives O(1) here.
+    assert max(rel_err(b[k], a[k]) for k in same) < 1e-4
