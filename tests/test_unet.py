@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from helpers import rel_err
+from helpers import perturb, rel_err
 
 from unet import PRESETS, UNet, UNetConfig, load_unet
 from weights import WeightsError, read_safetensors, save_safetensors
@@ -18,16 +18,6 @@ SD2_STYLE = dict(sample_size=16, block_out_channels=(32, 64, 64), layers_per_blo
                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                  attention_head_dim=(2, 4, 4), use_linear_projection=True, upcast_attention=True, norm_num_groups=16)
-
-
-@torch.no_grad()
-def perturb(model, seed=0):
-    """Move every parameter off its default init (norms are 1/0 there) so parity means something."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        scale = p.std() if p.numel() > 1 and p.std() > 0 else 1.0
-        p.add_(0.2 * scale * torch.randn(p.shape, generator=g))
-    return model
 
 
 def inputs(ctx_dim, h=10, w=9):  # odd sizes: the upsamplers must follow the skips' sizes

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from helpers import rel_err
+from helpers import perturb, rel_err
 
 from vae import PRESETS, VAE, VAEConfig, load_vae
 from weights import WeightsError, read_safetensors, save_safetensors
@@ -13,16 +13,6 @@ from weights import WeightsError, read_safetensors, save_safetensors
 DIFFUSERS_KW = dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8, latent_channels=4,
                     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                     sample_size=32)
-
-
-@torch.no_grad()
-def perturb(model, seed=0):
-    """Move every parameter off its default init (norms are 1/0 there) so parity means something."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        scale = p.std() if p.numel() > 1 and p.std() > 0 else 1.0
-        p.add_(0.2 * scale * torch.randn(p.shape, generator=g))
-    return model
 
 
 @pytest.fixture(scope="module")
