@@ -1,4 +1,4 @@
-"""train.py: exact resume, Ctrl-C, a full disk while saving, NaN, bad data, DDP = one process.
+"""train.py: exact resume, Ctrl-C, a full disk or a kill while saving, NaN, bad data, DDP = one process.
 
 Every run is the tiny model at 16 px with a batch of 4 for a few steps, in-process (train.main),
 except DDP, which needs torchrun.
@@ -65,6 +65,32 @@ def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch,
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["init", "run.json", "step_000002"]  # no temp left
     model, ckpt = train.load_model(tmp_path / "r")
     assert ckpt.name == "step_000002" and isinstance(model, train.UniDiff)
+
+
+KILL_WHILE_SAVING = """
+import os, sys, train
+real = train.save_safetensors
+def save(sd, path, metadata=None):
+    if "step_000004" in str(path) and path.name == "optimizer.safetensors":
+        os._exit(137)  # killed half-way through the second checkpoint: no handler runs
+    return real(sd, path, metadata)
+train.save_safetensors = save
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_killed_while_saving_leaves_previous_checkpoint_loadable(tmp_path):
+    run = tmp_path / "r"
+    flags = TINY + ["--steps", "4", "--save-every", "2", "--out", str(run)]
+    killed = subprocess.run([sys.executable, "-c", KILL_WHILE_SAVING, *flags], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert (run / ".step_000004.tmp").is_dir()  # the half-written checkpoint, never renamed into place
+    model, ckpt = train.load_model(run)
+    assert ckpt.name == "step_000002" and isinstance(model, train.UniDiff)
+    assert train.main(["--resume", str(run)]) == 0  # and the run continues from it
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_000002", "step_000004"]
+    assert not (run / ".step_000004.tmp").exists()
 
 
 def test_nan_loss_stops_cleanly_keeping_last_good_checkpoint(tmp_path, monkeypatch, capsys):
