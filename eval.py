@@ -70,11 +70,9 @@ def retrieval(img, txt, captions, ks=(1, 5, 10)):
     return out
 
 
-def clip_score(judge, images_u8, prompts):
-    """Mean of 100 · max(cos(E_I(image), E_T(prompt)), 0) under the judge CLIP."""
-    pixels = images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1
-    cos = (embed_images(judge, pixels) * embed_texts(judge, prompts)).sum(-1)
-    return (100 * cos.clamp(min=0)).mean().item()
+def clip_score(img, txt):
+    """Mean of 100 · max(cos(E_I(image), E_T(prompt)), 0), from the judge's normalised embeddings (N, D)."""
+    return (100 * (img * txt).sum(-1).clamp(min=0)).mean().item()
 
 
 def frechet(a, b):
@@ -111,7 +109,7 @@ def evaluate(model, judge, test_set, args):
     gen = generate(model, prompts, args.steps, args.guidance, args.seed, args.res, args.batch)
     real = torch.stack([test_set[i][0] for i in range(n)])
     gen_feat = embed_images(judge, gen.permute(0, 3, 1, 2).float() / 127.5 - 1)
-    row["clip_score"] = clip_score(judge, gen, prompts)
+    row["clip_score"] = clip_score(gen_feat, embed_texts(judge, prompts))
     row["fd"] = frechet(gen_feat, embed_images(judge, real))
     row["collapse"] = collapse(img)
     return row

@@ -386,15 +386,12 @@ def train(args):
             dist.barrier()
 
     def save():
-        path = None
         if master:
             state = {"step": step, "samples_seen": step * args.batch_size, "world": world, "args": vars(args),
                      "rng": "derived: a generator seeded by (seed, step, micro-step) each micro-step"}
-            path = save_checkpoint(run, step, model, named, opt, ema, state)
-            say(f"step {step} | saved {path}")
+            say(f"step {step} | saved {save_checkpoint(run, step, model, named, opt, ema, state)}")
         if ddp:
             dist.barrier()
-        return path
 
     stop = []  # Ctrl-C: finish the step, save, exit; a second Ctrl-C exits at once
     def on_sigint(*_):
@@ -457,7 +454,7 @@ def train(args):
             sums.zero_()
             n_sum = 0
             if flags[4] > 0:
-                path = save()
+                save()
                 say(f"stopped at step {step}: continue with  python train.py --resume {run}")
                 return 130
             if at_eval:

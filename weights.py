@@ -14,7 +14,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -97,11 +96,6 @@ def save_safetensors(sd, path, metadata=None):
     from safetensors.torch import save_file
     save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(path), metadata=metadata)
 
-
-@torch.no_grad()
-def same_weights(a, b):
-    """True when two state dicts hold the same keys and equal tensors."""
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------------------
