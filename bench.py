@@ -36,7 +36,10 @@ def sync(dev):
 
 
 def timed(fn, dev, warmup, iters):
-    """Median seconds per call after `warmup` calls (compilation happens there), and peak memory."""
+    """Median seconds per call after `warmup` calls (compilation happens there); the process's peak memory,
+    and the step's own: that peak less what was allocated before the first call (weights resident)."""
+    gc.collect()  # the previous row's optimizer state must be gone before `before` is read
+    before = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
     for _ in range(warmup):
         fn()
     sync(dev)
@@ -48,8 +51,8 @@ def timed(fn, dev, warmup, iters):
         fn()
         sync(dev)
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
-    return sorted(times)[len(times) // 2], peak
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else float("nan")
+    return sorted(times)[len(times) // 2], peak / 2**30, (peak - before) / 2**30
 
 
 def count_flops(fn):
@@ -119,14 +122,13 @@ def reference_clip_step(model, pixels, ids, dev, amp, compiled):
     return step
 
 
-def our_step(model, x, ids, dev, amp, compiled, **weights):
-    """What train.py runs: UniDiff.forward is `losses`; --compile compiles it whole."""
+def our_step(model, x, ids, dev, amp, **weights):
+    """What train.py runs (with --compile, after `model.compile()`)."""
     opt = optimizer(model.parameters(), dev)
-    losses = torch.compile(model) if compiled else model
 
     def step():
         with amp:
-            loss = losses(x, ids, **weights)["total"]
+            loss = model(x, ids, **weights)["total"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -149,12 +151,10 @@ def reference_sampler(unet, vae, ctx, uncond, latents, steps, guidance):
     return sample
 
 
-def our_sampler(model, ctx, uncond, latents, steps, guidance, compiled):
-    unet = torch.compile(model.unet) if compiled else model.unet
-
+def our_sampler(model, ctx, uncond, latents, steps, guidance):
     @torch.no_grad()
     def sample():
-        z = ddim_sample(unet, latents, ctx, uncond, model.alphas_cumprod, steps, guidance)
+        z = ddim_sample(model.unet, latents, ctx, uncond, model.alphas_cumprod, steps, guidance)
         return model.vae.decode(z / SCALE)
     return sample
 
@@ -187,12 +187,20 @@ def main():
     cases = args.cases.split(",")
     rows, peak = [], matmul_peak(dev)
 
-    def add(case, impl, fn, flops=None, n=None):
+    flops = {}
+
+    def add(case, impl, fn, n=None):
+        """Time one row; the first row of a case also counts its FLOPs. `fn` dies with this call, so its
+        optimizer state is not resident while the next row is measured."""
         iters = max(2, args.iters // 3) if case == "sample" else args.iters  # 50 UNet calls each
-        sec, mem = timed(fn, dev, 1 if args.tiny else 3, iters)
+        # 5 warm-up steps: compiling, and recompiling once RSC's row count has changed (then a dynamic batch);
+        # one sampler call holds 50 UNet calls of fixed shapes
+        sec, mem, step_mem = timed(fn, dev, 1 if args.tiny or case == "sample" else 5, iters)
+        if case in ("sd", "clip", "unidiff") and case not in flops:
+            flops[case] = count_flops(fn)
         n = n or args.batch
-        rows.append(dict(case=case, impl=impl, img_s=n / sec, ms=sec * 1e3, mem_gb=mem,
-                         mfu=flops / sec / peak if flops else float("nan")))
+        rows.append(dict(case=case, impl=impl, img_s=n / sec, ms=sec * 1e3, mem_gb=mem, step_gb=step_mem,
+                         mfu=flops[case] / sec / peak if case in flops else float("nan")))
         print(f"{case:8s} {impl:36s} {n / sec:8.2f} img/s {sec * 1e3:9.1f} ms {mem:6.1f} GB", flush=True)
         if args.json:
             with open(args.json, "w") as f:
@@ -214,6 +222,24 @@ def main():
     clip_res = ours.clip.cfg.vision.image_size
     pixels = F.interpolate(x, size=clip_res, mode="bicubic", antialias=True)
 
+    def train_only(*parts):
+        ours.requires_grad_(False)
+        for part in parts:
+            part.requires_grad_(True)
+
+    if "memory" in cases:  # first, while only our model is resident: these peaks are what train.py needs
+        for label, parts, ckpt in (("all parts", (ours.unet, ours.clip), False),
+                                   ("all parts, grad ckpt", (ours.unet, ours.clip), True),
+                                   ("unet+text, grad ckpt", (ours.unet, ours.clip.text_model), True)):
+            train_only(*parts)
+            for m in (ours.unet, ours.clip, ours.vae):
+                m.grad_ckpt = ckpt
+            b = len(x[:4])
+            add("memory", f"ours b{b} {label}", our_step(ours, x[:b], ids[:b], dev, amp), n=b)
+        for m in (ours.unet, ours.clip, ours.vae):
+            m.grad_ckpt = False
+        free()
+
     # The references: built from our configs' public JSON, holding our random weights.
     with torch.device(dev):
         ref_unet = UNet2DConditionModel(**ours.unet.cfg.to_json())
@@ -229,55 +255,34 @@ def main():
     tuned = lambda m: torch.compile(m.to(memory_format=torch.channels_last))
     variants = [("as shipped", lambda m: m)] + ([] if args.compile == "none" else [("compiled+channels-last", tuned)])
 
-    def train_only(*parts):
-        ours.requires_grad_(False)
-        for part in parts:
-            part.requires_grad_(True)
-
     # Each case: the references (shipped, tuned) and ours eager; then ours compiled.
-    flops = {}
     for compiled in [False, True] if args.compile == "all" else [False]:
         tag = "ours compiled" if compiled else "ours"
+        if compiled:
+            ours.compile()  # in place, as train.py --compile
         if "sd" in cases:
             if not compiled:
                 for name, tune in variants:
-                    step = reference_sd_step(tune(ref_unet), ref_vae, ref_text, x, ids, ours.alphas_cumprod, dev, amp)
-                    flops["sd"] = flops.get("sd") or count_flops(step)
-                    add("sd", f"diffusers {name}", step, flops["sd"])
+                    add("sd", f"diffusers {name}",
+                        reference_sd_step(tune(ref_unet), ref_vae, ref_text, x, ids, ours.alphas_cumprod, dev, amp))
                 ref_unet.to(memory_format=torch.contiguous_format)
             train_only(ours.unet)
-            add("sd", tag, our_step(ours, x, ids, dev, amp, compiled, lambda_itc=0, lambda_rsc=0), flops.get("sd"))
+            add("sd", tag, our_step(ours, x, ids, dev, amp, lambda_itc=0, lambda_rsc=0))
         if "clip" in cases:
             if not compiled:
                 for name, tune in variants:
-                    step = reference_clip_step(ref_clip, pixels, ids, dev, amp, tune is tuned)
-                    flops["clip"] = flops.get("clip") or count_flops(step)
-                    add("clip", f"transformers {name}", step, flops["clip"])
+                    add("clip", f"transformers {name}",
+                        reference_clip_step(ref_clip, pixels, ids, dev, amp, tune is tuned))
             train_only(ours.clip)
-            add("clip", tag, our_step(ours, x, ids, dev, amp, compiled, lambda_is=0, lambda_rsc=0), flops.get("clip"))
+            add("clip", tag, our_step(ours, x, ids, dev, amp, lambda_is=0, lambda_rsc=0))
         if "unidiff" in cases:
             train_only(ours.unet, ours.clip)
-            step = our_step(ours, x, ids, dev, amp, compiled)
-            flops["unidiff"] = flops.get("unidiff") or count_flops(step)
-            add("unidiff", tag, step, flops["unidiff"])
+            add("unidiff", tag, our_step(ours, x, ids, dev, amp))
         free()
-        if "memory" in cases and not compiled:
-            # The full fine-tune at batch 4 (every part trained), then the memory levers.
-            b4x, b4i = x[:4], ids[:4]
-            for label, parts, ckpt in (("all parts", (ours.unet, ours.clip), False),
-                                       ("all parts, grad ckpt", (ours.unet, ours.clip), True),
-                                       ("unet+text, grad ckpt", (ours.unet, ours.clip.text_model), True)):
-                train_only(*parts)
-                for m in (ours.unet, ours.clip, ours.vae):
-                    m.grad_ckpt = ckpt
-                add("memory", f"ours b4 {label}", our_step(ours, b4x, b4i, dev, amp, False), n=4)
-                free()
-            for m in (ours.unet, ours.clip, ours.vae):
-                m.grad_ckpt = False
         if "sample" in cases:
             train_only()
             s = args.sample_batch
-            lat = torch.randn(s, 4, args.res // 8, args.res // 8, generator=g).to(dev)
+            lat = torch.randn(s, 4, args.res // ours.down, args.res // ours.down, generator=g).to(dev)
             with torch.no_grad(), amp:
                 ctx = ours.clip.text_hidden(ids[:s])
                 unc = ours.clip.text_hidden(ours.empty_ids).expand(s, -1, -1)
@@ -288,7 +293,7 @@ def main():
                             reference_sampler(tune(ref_unet), ref_vae, ctx, unc, lat, args.steps, 7.5), n=s)
                 ref_unet.to(memory_format=torch.contiguous_format)
             with amp:
-                add("sample", tag, our_sampler(ours, ctx, unc, lat, args.steps, 7.5, compiled), n=s)
+                add("sample", tag, our_sampler(ours, ctx, unc, lat, args.steps, 7.5), n=s)
         free()
     print_table(rows, device_name(dev), peak, args.batch, args.res)
 
@@ -299,8 +304,10 @@ def device_name(dev):
 
 def print_table(rows, device, peak, batch, res):
     print(f"\n{device}; batch {batch}, {res} px, bf16 autocast on CUDA; measured bf16 matmul {peak / 1e12:.0f} TFLOP/s\n")
-    print("| case | implementation | img/s | ms/step | peak GB | MFU | vs faster reference |")
-    print("|---|---|---|---|---|---|---|")
+    print("peak GB: the process's peak allocation; step GB: that peak less the memory allocated before the row's "
+          "first call (activations, gradients, optimizer state). Memory rows run first, with only our model built.\n")
+    print("| case | implementation | img/s | ms/step | peak GB | step GB | MFU | vs faster reference |")
+    print("|---|---|---|---|---|---|---|---|")
     best = {}
     for r in rows:
         if not r["impl"].startswith("ours"):
@@ -310,8 +317,8 @@ def print_table(rows, device, peak, batch, res):
     for r in rows:
         ratio = f"{r['img_s'] / best[r['case']]:.2f}x" if r["impl"].startswith("ours") and r["case"] in best else ""
         mfu = f"{100 * r['mfu']:.0f} %" if r["mfu"] == r["mfu"] else ""
-        mem = f"{r['mem_gb']:.1f}" if r["mem_gb"] == r["mem_gb"] else ""
-        print(f"| {r['case']} | {r['impl']} | {r['img_s']:.2f} | {r['ms']:.1f} | {mem} | {mfu} | {ratio} |")
+        mem, step = (f"{r[k]:.1f}" if r[k] == r[k] else "" for k in ("mem_gb", "step_gb"))
+        print(f"| {r['case']} | {r['impl']} | {r['img_s']:.2f} | {r['ms']:.1f} | {mem} | {step} | {mfu} | {ratio} |")
 
 
 if __name__ == "__main__":

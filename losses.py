@@ -99,7 +99,7 @@ def rsc_loss(real_emb, gen_emb, txt_emb, logit_scale):
     logq = F.log_softmax(s * F.normalize(gen_emb, dim=-1) @ u.T, dim=-1)   # (R, B)
     p, q = logp.exp(), logq.exp()
     kl = (p.detach() * (logp.detach() - logq)).sum(-1) + (q.detach() * (logq.detach() - logp)).sum(-1)
-    n_rows = torch.tensor(float(len(kl)), device=kl.device)
+    n_rows = kl.new_full((), float(len(kl)))  # a fill kernel, not a host-to-device copy
     if world_size() > 1:
         dist.all_reduce(n_rows)
     return 0.5 * kl.sum() * world_size() / n_rows.clamp(min=1)

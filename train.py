@@ -82,7 +82,8 @@ def parse_args(argv=None):
         action="store_const", const=True)
     add("--ema", "EMA decay of the trained weights, e.g. 0.9999 (default 0: no EMA)", type=float)
     add("--warmup", "linear warm-up steps before the cosine decay (default 100; demo 20)", type=int)
-    add("--compile", "torch.compile the training step", action="store_const", const=True)
+    add("--compile", "torch.compile each network (UniDiff.compile); minutes of compiling first",
+        action="store_const", const=True)
     add("--workers", "data loader processes per rank (default 4 on GPU, 0 on CPU)", type=int)
     add("--res", "training resolution in pixels (default 512; demo 32)", type=int)
     add("--max-grad-norm", "clip the gradient norm to this (default 1; 0: no clipping)", type=float)
@@ -354,11 +355,12 @@ def train(args):
 
     losses_kw = dict(lambda_itc=args.lambda_itc, lambda_is=args.lambda_is, lambda_rsc=args.lambda_rsc,
                      t_max=args.rsc_t_max)
+    if args.compile:
+        model.compile()  # each network in place, before DDP sees it (UniDiff.compile)
     net = model
     if ddp:  # a λ of 0 leaves parts without gradient: DDP must then look for unused parameters
         net = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False,
                   find_unused_parameters=not all(losses_kw[k] for k in ("lambda_itc", "lambda_is", "lambda_rsc")))
-    fwd = torch.compile(net) if args.compile else net
 
     workers = args.workers if args.workers is not None else (4 if cuda else 0)
     loader = DataLoader(train_set, batch_sampler=Batches(len(train_set), micro, world, rank, args.seed,
@@ -405,7 +407,7 @@ def train(args):
             validate()
         sums = torch.zeros(4, device=device)  # itc, is, rsc, total summed over the steps since the last line
         n_sum, t_line, t_run, steps_run = 0, time.time(), 0.0, 0
-        gen = torch.Generator(device)
+        gen = torch.Generator()  # on the host: see UniDiff.losses
         while step < args.steps:
             factor = lr_factor(step, args.warmup, args.steps)
             for g in opt.param_groups:
@@ -420,7 +422,7 @@ def train(args):
                 sync = nullcontext() if not ddp or a == args.grad_accum - 1 else net.no_sync()
                 with sync:
                     with amp:
-                        out = fwd(pixels, ids, generator=gen, **losses_kw)
+                        out = net(pixels, ids, generator=gen, **losses_kw)
                     (out["total"] / args.grad_accum).backward()
                 sums += torch.stack([out[k].detach().float() for k in ("itc", "is_", "rsc", "total")]) / args.grad_accum
             if args.max_grad_norm:

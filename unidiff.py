@@ -8,7 +8,6 @@ layouts, and the original single-file layout that ComfyUI / A1111 read.
 import json
 import logging
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,7 +44,7 @@ def ddim_sample(unet, latents, context, uncond, alphas_cumprod, steps, guidance,
     ctx = torch.cat([uncond.expand_as(context), context]).to(latents.dtype)  # (2B, 77, W)
     x = latents
     for t in [i * ratio + 1 for i in reversed(range(steps))]:  # 981, 961, ..., 1 for 50 steps
-        out_u, out_c = unet(torch.cat([x, x]), torch.tensor(t, device=x.device), ctx).float().chunk(2)
+        out_u, out_c = unet(torch.cat([x, x]), torch.full((), t, device=x.device), ctx).float().chunk(2)
         out = out_u + guidance * (out_c - out_u)
         a, a_prev = ac[t], ac[t - ratio] if t >= ratio else ac[0]  # the last step lands on ᾱ_0, not 1
         if v_prediction:
@@ -98,20 +97,36 @@ class UniDiff(nn.Module):
     def forward(self, *args, **kwargs):  # so DistributedDataParallel(model)(pixels, ids) computes the losses
         return self.losses(*args, **kwargs)
 
+    def compile(self, **kwargs):
+        """torch.compile each network in place (state-dict keys unchanged). The glue in `losses` stays eager:
+        its host-side randomness and RSC's variable row count would break a whole-step graph anyway."""
+        for m in (self.unet, self.vae.encoder, self.vae.decoder, self.clip.text_model, self.clip.vision_model):
+            if m is not None:
+                m.compile(**kwargs)
+
     def losses(self, pixels, ids, lambda_itc=1.0, lambda_is=1.0, lambda_rsc=0.1, t_max=500, p_uncond=0.1,
                snr_gamma=None, generator=None):
         """pixels (B, 3, H, W) in [-1, 1] at the training resolution, ids (B, 77) -> dict(itc, is_, rsc, total).
 
-        A loss whose λ is 0 is not computed (its entry is 0). `generator` (on pixels' device) fixes t, ε, dropout.
+        A loss whose λ is 0 is not computed (its entry is 0). `generator`, a CPU torch.Generator, fixes the
+        randomness: t and the caption dropout are drawn from it on the host, so choosing RSC's rows reads
+        nothing back from the GPU; ε and the VAE sample come from a device generator seeded from it.
         """
         B, dev = len(pixels), pixels.device
         # Under DDP every rank draws the randomness of the whole global batch and keeps its own rows,
         # so a run on N ranks equals one process with the same global batch (given equal generators).
         W, r = world_size(), dist.get_rank() if world_size() > 1 else 0
-        draw = lambda fn, *shape, **kw: fn((W * B, *shape), generator=generator, device=dev, **kw)[r * B:(r + 1) * B]
+        mine = slice(r * B, (r + 1) * B)
+        dev_gen = None if generator is None else \
+            torch.Generator(dev).manual_seed(int(torch.randint(2**62, (), generator=generator)))
+        randn = lambda shape: torch.randn((W * B, *shape), generator=dev_gen, device=dev)[mine]
+        to_dev = lambda x: x.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else x.to(dev)
         zero = pixels.new_zeros(())
         out = dict(itc=zero, is_=zero, rsc=zero)
-        hidden = self.clip.text_hidden(ids)  # (B, 77, W): one text pass serves all three losses
+        diffuse = lambda_is or lambda_rsc
+        # one text pass serves all three losses; its extra row is the empty caption that dropped captions get
+        hidden = self.clip.text_hidden(torch.cat([ids, self.empty_ids]) if diffuse else ids)  # (B[+1], 77, W)
+        hidden, empty = hidden[:B], hidden[B:]
         if lambda_itc or lambda_rsc:
             txt_emb = self.clip.pool_text(hidden, ids)  # (B, D)
             real = self.clip_pixels(pixels)  # (B, 3, res, res)
@@ -119,24 +134,24 @@ class UniDiff(nn.Module):
         if lambda_itc:
             img_emb = self.clip.encode_image(real)
             out["itc"] = itc_loss(img_emb, txt_emb, self.clip.logit_scale)
-        if lambda_is or lambda_rsc:
+        if diffuse:
+            t_host = torch.randint(0, len(self.alphas_cumprod), (W * B,), generator=generator)[mine]
+            drop = to_dev(torch.rand(W * B, generator=generator)[mine] < p_uncond)  # caption -> "" for CFG
+            t = to_dev(t_host)
             with torch.no_grad():  # frozen VAE: the latents are data
-                mean, logvar = self.vae.encode(pixels)
-                eps = draw(torch.randn, *mean.shape[1:], dtype=mean.dtype)
-                z0 = self.vae.cfg.scaling_factor * (mean + (0.5 * logvar).exp() * eps)  # (B, 4, h, w)
-            t = draw(partial(torch.randint, 0, len(self.alphas_cumprod)))
-            noise = draw(torch.randn, *z0.shape[1:], dtype=z0.dtype)
+                mean, logvar = (v.float() for v in self.vae.encode(pixels))  # fp32 latents and ε, as the schedule
+                z0 = self.vae.cfg.scaling_factor * (mean + (0.5 * logvar).exp() * randn(mean.shape[1:]))
+            noise = randn(z0.shape[1:])  # (B, 4, h, w)
             a = self.alphas_cumprod[t].view(B, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            drop = draw(torch.rand) < p_uncond  # caption -> "" for classifier-free guidance
-            ctx = torch.where(drop[:, None, None], self.clip.text_hidden(self.empty_ids), hidden)
-            pred = self.unet(zt, t, ctx)
+            pred = self.unet(zt, t, torch.where(drop[:, None, None], empty, hidden))
             target = v_target(z0, noise, self.alphas_cumprod, t) if self.v_prediction else noise
             out["is_"] = is_loss(pred, target, snr(self.alphas_cumprod, t), snr_gamma, self.v_prediction) \
                 if snr_gamma else is_loss(pred, target)
         if lambda_rsc:
-            sel = t < t_max
-            if sel.any():
+            rows = (t_host < t_max).nonzero()[:, 0]  # on the host: no sync, R = len(rows) known
+            if len(rows):
+                sel = to_dev(rows)
                 a, zt_s, pred_s = a[sel], zt[sel], pred[sel].float()
                 z0_hat = a.sqrt() * zt_s - (1 - a).sqrt() * pred_s if self.v_prediction \
                     else (zt_s - (1 - a).sqrt() * pred_s) / a.sqrt()  # one-step estimate (R, 4, h, w)

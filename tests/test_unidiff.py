@@ -35,14 +35,16 @@ def test_losses_match_recomputation_with_diffusers_scheduler():
     ids = m.tokenizer(caps)
     out = m.losses(px, ids, p_uncond=0.5, generator=torch.Generator().manual_seed(0))
 
-    # The same draws, in the documented order: posterior sample, t, ε, caption dropout.
+    # The same draws, in the documented order: the device generator's seed, t, caption dropout on the host;
+    # then from the device generator the posterior sample and ε.
     g = torch.Generator().manual_seed(0)
+    g_dev = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=g)))
+    t = torch.randint(0, 1000, (4,), generator=g)
+    drop = torch.rand(4, generator=g) < 0.5
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
     mean, logvar = m.vae.encode(px)
-    z0 = 0.18215 * (mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g))
-    t = torch.randint(0, 1000, (4,), generator=g)
-    noise = torch.randn(z0.shape, generator=g)
-    drop = torch.rand(4, generator=g) < 0.5
+    z0 = 0.18215 * (mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g_dev))
+    noise = torch.randn(z0.shape, generator=g_dev)
     assert drop.any() and not drop.all() and (t < 500).any() and not (t < 500).all()  # seed covers both cases
     cond = m.tokenizer([("" if d else c) for d, c in zip(drop, caps)])
     zt = sched.add_noise(z0, noise, t)
@@ -88,6 +90,45 @@ def test_where_gradients_go_and_skipped_losses():
     a = m.losses(px, ids, lambda_itc=0, lambda_rsc=0, p_uncond=1.0, generator=g())["is_"]
     b = m.losses(px, m.tokenizer([""] * 4), lambda_itc=0, lambda_rsc=0, p_uncond=0.0, generator=g())["is_"]
     assert torch.equal(a, b)
+
+
+def test_training_step_reads_nothing_back_from_the_device():
+    """A host sync (`.item()`, `if tensor`, boolean indexing) stalls the GPU every step. On the meta device,
+    which holds no values, each of those raises: so a step that runs there has none."""
+    m = UniDiff.tiny()
+    ids = m.tokenizer(["a red dress", "blue jeans", "a straw hat", "white shoes"]).to("meta")
+    m.to("meta")
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    torch.manual_seed(0)
+    for t_max in (0, 500, 1000):  # RSC on none, some and all of the rows
+        out = m.losses(torch.empty(4, 3, 32, 32, device="meta"), ids, t_max=t_max)
+        out["total"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+    assert out["rsc"].device.type == "meta" and m.unet.conv_in.weight.device.type == "meta"
+
+
+def test_compile_captures_each_network_whole():
+    """`UniDiff.compile` (train.py --compile) traces every network into one graph (fullgraph: a graph break
+    raises), forward and backward, and changes neither the losses, the gradients nor the state-dict keys.
+    aot_eager traces as inductor does but skips its code generation, which takes minutes on a CPU."""
+    import copy
+    torch.manual_seed(0)
+    m = UniDiff.tiny()
+    c = copy.deepcopy(m)
+    c.compile(fullgraph=True, backend="aot_eager")
+    px, caps = pairs()
+    ids = m.tokenizer(caps)
+    for seed in (2, 7):  # RSC on 2 rows, then on 3: the decoder and vision tower see a new batch size
+        outs = [model.losses(px, ids, t_max=400, generator=torch.Generator().manual_seed(seed)) for model in (m, c)]
+        for o in outs:
+            o["total"].backward()
+        assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(m.parameters(), c.parameters()) if p.grad is not None)
+        m.zero_grad(), c.zero_grad()
+    assert list(c.state_dict()) == list(m.state_dict())
 
 
 @torch.no_grad()
