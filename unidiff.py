@@ -180,13 +180,13 @@ class UniDiff(nn.Module):
         return ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
     @classmethod
-    def tiny(cls, seed=0):
+    def tiny(cls, seed=0, v_prediction=False):
         """A random, CPU-sized UniDiff (tests, `train.py --data demo`)."""
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             clip = CLIP(CLIP_PRESETS["tiny"])
             unet = UNet(replace(UNET_PRESETS["tiny"], cross_attention_dim=clip.cfg.text.hidden_size))
-            return cls(clip, unet, VAE(VAE_PRESETS["tiny"]))
+            return cls(clip, unet, VAE(VAE_PRESETS["tiny"]), v_prediction)
 
     @classmethod
     def from_pretrained(cls, sd, clip=None):
