@@ -139,7 +139,7 @@ class UniDiff(nn.Module):
             drop = to_dev(torch.rand(W * B, generator=generator)[mine] < p_uncond)  # caption -> "" for CFG
             t = to_dev(t_host)
             with torch.no_grad():  # frozen VAE: the latents are data
-                mean, logvar = (v.float() for v in self.vae.encode(pixels))  # fp32 latents and ε, as the schedule
+                mean, logvar = (v.float() for v in self.vae.encode(pixels))  # fp32 under autocast: z0, ε, IS target
                 z0 = self.vae.cfg.scaling_factor * (mean + (0.5 * logvar).exp() * randn(mean.shape[1:]))
             noise = randn(z0.shape[1:])  # (B, 4, h, w)
             a = self.alphas_cumprod[t].view(B, 1, 1, 1)
