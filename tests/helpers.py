@@ -16,3 +16,19 @@ def perturb(model, seed=0):
         scale = p.std() if p.numel() > 1 and p.std() > 0 else 1.0
         p.add_(0.2 * scale * torch.randn(p.shape, generator=g))
     return model
+
+
+
+def ckpt_check(model, loss_fn, grad_fn):
+    """Without and with `model.grad_ckpt`: loss_fn() (forward, counting the tensors it stores), backward,
+    then grad_fn() gives the gradient. The two must agree, and checkpointing must store under half."""
+    grads, saved = [], []
+    for ckpt in (False, True):
+        model.grad_ckpt, n = ckpt, [0]
+        with torch.autograd.graph.saved_tensors_hooks(lambda z: n.__setitem__(0, n[0] + 1) or z, lambda z: z):
+            loss = loss_fn()
+        loss.backward()
+        grads.append(grad_fn())
+        saved.append(n[0])
+    assert rel_err(grads[1], grads[0]) <= 1e-6
+    assert saved[1] < saved[0] / 2  # checkpointing really dropped the stored activations
