@@ -1,4 +1,4 @@
-"""data.py: folders, bad input (SPEC §5), seeded splits, the demo set, `prepare` on release-shaped fixtures."""
+"""data.py: folders, bad input, seeded splits, the demo set, `prepare` on release-shaped fixtures."""
 import itertools
 import json
 import subprocess
@@ -43,7 +43,7 @@ def bad_images(folder):
 
 
 def metadata_folder(root, split=None):
-    """A folder in the imagefolder layout with every bad input of SPEC §5 in it."""
+    """A folder in the imagefolder layout with every kind of bad input in it."""
     root.mkdir()
     good = [f"ok{i}.jpg" for i in range(6)]
     for i, name in enumerate(good):

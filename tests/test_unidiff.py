@@ -1,4 +1,4 @@
-"""UniDiff: the losses' glue (SPEC §2) against a recomputation with diffusers' scheduler, where gradients go,
+"""UniDiff: the losses' glue against a recomputation with diffusers' scheduler, where gradients go,
 save -> reload, the saved folder in diffusers / transformers, and a tiny model overfitting four pairs."""
 import json
 
