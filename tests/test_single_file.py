@@ -11,7 +11,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from helpers import rel_err
 from unet import PRESETS as UNET_PRESETS, UNet
-from unidiff import UniDiff, rename, to_single_file, unet_names, vae_attn_shape, vae_names
+from single_file import rename, to_single_file, unet_names, vae_attn_shape, vae_names
+from unidiff import UniDiff
 from vae import PRESETS as VAE_PRESETS, VAE
 from weights import WeightsError, save_safetensors
 
