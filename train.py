@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from data import DataError, open_dataset
 from unidiff import UniDiff
-from weights import CLIP_REPO, SD15_REPO, WeightsError, ensure_weights, read_safetensors, save_safetensors
+from weights import WeightsError, pretrained, read_safetensors, save_safetensors
 
 # Defaults of a real fine-tune (SD 1.5 + CLIP-L at 512 px), and what `--data demo` changes.
 DEFAULTS = dict(data=None, model="sd15", weights=None, steps=2000, batch_size=16, out=None, save_every=500,
@@ -61,7 +61,8 @@ def parse_args(argv=None):
     add = lambda flag, help, **kw: p.add_argument(flag, default=None, help=help, **kw)
     add("--data", "a preset (fashion_woman, fashion_man, ecommerce_product, demo) or a folder")
     add("--model", "sd15: SD 1.5 + CLIP ViT-L/14; tiny: random CPU-sized (default: tiny for demo)", choices=["sd15", "tiny"])
-    add("--weights", "folder of the pretrained weights (default: $UNIDIFF_WEIGHTS, else weights/)")
+    add("--weights", "folder of the pretrained weights, or an SD 1.x single-file .safetensors "
+        "(default: $UNIDIFF_WEIGHTS, else weights/)")
     add("--steps", "optimizer steps in all (default 2000; demo 400)", type=int)
     add("--batch-size", "global batch per optimizer step, over all ranks and micro-steps (default 16; demo 32)", type=int)
     add("--out", "the run folder (default runs/<data>)")
@@ -301,11 +302,11 @@ def train(args):
         fit_vae(model.vae, train_set, args.vae_steps, args.seed, say)
     else:
         if master:
-            ensure_weights(args.weights)  # one rank downloads; the others wait, then read
+            pretrained(args.weights)  # one rank downloads; the others wait, then read
         if ddp:
             dist.barrier()
-        folders = ensure_weights(args.weights)
-        model = UniDiff.from_pretrained(folders[SD15_REPO], clip=folders[CLIP_REPO])
+        sd_path, clip_path = pretrained(args.weights)
+        model = UniDiff.from_pretrained(sd_path, clip=clip_path)
     if model.clip.vision_model is None and (args.lambda_itc or args.lambda_rsc):
         raise RunError("ITC and RSC need a CLIP with a vision tower; this model has a text encoder only")
     if ckpt is None and master:
@@ -315,7 +316,7 @@ def train(args):
             model.save(run / "init")
             start = {"model": "tiny", "seed": args.seed, "init": "init"}
         else:
-            start = {"model": "sd15", "sd": str(folders[SD15_REPO].resolve()), "clip": str(folders[CLIP_REPO].resolve())}
+            start = {"model": "sd15", "sd": str(sd_path.resolve()), "clip": str(clip_path.resolve())}
         (run / "run.json").write_text(json.dumps({"start": start, "args": vars(args)}, indent=2))
 
     model.to(device)

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -149,6 +150,47 @@ def ensure_weights(path=None, base_url=None, files=WEIGHT_FILES):
             raise WeightsError(f"cannot download {url} ({getattr(e, 'reason', e)}).\n"
                                + _place_message(root, folders, todo[i:])) from None
     return folders
+
+
+def pretrained(path=None, base_url=None):
+    """(SD 1.5, CLIP ViT-L/14) for UniDiff.from_pretrained; what is missing is downloaded (ensure_weights).
+
+    `path` (--weights) is a folder, or an SD 1.x single-file .safetensors (`v1-5-pruned-emaonly.safetensors`,
+    as ComfyUI / A1111 keep it). In a folder the diffusers SD 1.5 files serve when all there, else one single
+    file lying in it. A single file has no vision tower: CLIP ViT-L/14 still comes from its own folder, in the
+    weights folder (for --weights FILE: $UNIDIFF_WEIGHTS, else weights/; never beside the file, which may be
+    another application's models folder).
+    """
+    clip_only = {CLIP_REPO: WEIGHT_FILES[CLIP_REPO]}
+    if path is not None and Path(path).suffix in (".safetensors", *PICKLE_SUFFIXES):
+        file = Path(path)
+        if not file.is_file():  # a typo must not become the folder that the full download lands in
+            raise WeightsError(f"{file}: no such file")
+        if file.suffix in PICKLE_SUFFIXES:
+            refuse_pickle(file)
+        return file, ensure_weights(None, base_url, clip_only)[CLIP_REPO]
+    root = weights_dir(path)
+    sd_folder = root / SD15_REPO.split("/")[-1]
+    if root.is_dir() and not all(_present(sd_folder / f) for f in WEIGHT_FILES[SD15_REPO]):
+        singles = [f for f in sorted(root.glob("*.safetensors")) if _is_sd_single_file(f)]
+        if len(singles) > 1:
+            raise WeightsError(f"{root} holds {len(singles)} SD single-file checkpoints "
+                               f"({', '.join(f.name for f in singles)}): choose one with --weights FILE")
+        if singles:
+            return singles[0], ensure_weights(root, base_url, clip_only)[CLIP_REPO]
+        if ckpts := sorted(root.glob("*.ckpt")):  # the file most users have: say how to use it, never skip it
+            refuse_pickle(ckpts[0])
+    folders = ensure_weights(root, base_url)
+    return folders[SD15_REPO], folders[CLIP_REPO]
+
+
+def _is_sd_single_file(path):
+    """Whether a safetensors file holds an original-layout SD UNet (reads the header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.startswith("model.diffusion_model.") for k in f.keys())
+    except Exception as e:  # a truncated download among the weights is worth saying, not skipping
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _place_message(root, folders, missing):
