@@ -5,7 +5,7 @@ attn1.to_q.weight, ...), so `unet/diffusion_pytorch_model.safetensors` loads wit
 load_state_dict. The whole forward pass is UNet.forward: down levels push skips, up levels pop them.
 """
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -276,13 +276,13 @@ def infer_config(sd):
     except (KeyError, ValueError) as e:
         raise WeightsError(f"cannot infer a UNet config from these tensors (no {e}); is this a "
                            "UNet2DConditionModel?") from None
-    shape = ("in_channels", "out_channels", "block_out_channels", "cross_attn", "layers_per_block",
-             "cross_attention_dim", "use_linear_projection")
+    shape = ("block_out_channels", "cross_attn", "layers_per_block", "cross_attention_dim", "use_linear_projection")
     for preset in PRESETS.values():
-        if all(getattr(preset, f) == getattr(cfg, f) for f in shape):
-            return preset
+        if all(getattr(preset, f) == getattr(cfg, f) for f in shape):  # in/out channels do not change the heads
+            return replace(preset, in_channels=cfg.in_channels, out_channels=cfg.out_channels)
     raise WeightsError(f"UNet with {ch} channels and {cfg.cross_attention_dim}-wide context matches no preset and "
-                       "its head count is not stored in the weights: put its diffusers config.json beside the file")
+                       "its head count is not stored in the weights: load it with its diffusers config.json "
+                       "(unet/config.json of a diffusers folder, or beside a lone UNet file)")
 
 
 def load_unet(path):

@@ -20,7 +20,7 @@ from losses import is_loss, itc_loss, rsc_loss, snr, v_target, world_size
 from unet import PRESETS as UNET_PRESETS, UNet, load_unet
 from vae import PRESETS as VAE_PRESETS, VAE, load_vae
 from single_file import from_single_file, to_single_file
-from weights import read_safetensors, save_safetensors
+from weights import WeightsError, read_safetensors, save_safetensors
 
 log = logging.getLogger("unidiff")
 
@@ -70,8 +70,13 @@ class UniDiff(nn.Module):
     def __init__(self, clip, unet, vae, v_prediction=False):
         super().__init__()
         if unet.cfg.cross_attention_dim != clip.cfg.text.hidden_size:
-            raise ValueError(f"the UNet attends to {unet.cfg.cross_attention_dim}-wide text states but the CLIP text "
-                             f"tower is {clip.cfg.text.hidden_size} wide: they cannot share one text encoder")
+            raise WeightsError(f"the UNet attends to {unet.cfg.cross_attention_dim}-wide text states but the CLIP "
+                               f"text tower is {clip.cfg.text.hidden_size} wide: they cannot share one text encoder")
+        z, cin, cout = vae.cfg.latent_channels, unet.cfg.in_channels, unet.cfg.out_channels
+        if (cin, cout) != (z, z):  # checked here: it would otherwise fail deep inside the first step
+            what = " (an inpainting model?)" if cin == 2 * z + 1 else ""  # + masked-image latents + mask
+            raise WeightsError(f"this UNet takes {cin} input channels and gives {cout}{what}; UniDiff trains "
+                               f"text-to-image UNets, with {z} in and {z} out = the VAE's latent channels")
         self.clip, self.unet, self.vae = clip, unet, vae
         self.vae.requires_grad_(False)  # frozen: RSC back-propagates through its decoder, never into it
         self.v_prediction = v_prediction  # SD 2.x-v checkpoints predict v = √ᾱ ε − √(1-ᾱ) z0

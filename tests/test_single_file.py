@@ -1,6 +1,8 @@
 """The original single-file layout (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*) both
 ways, with diffusers' own converters (diffusers.loaders.single_file_utils) as the independent oracle."""
+import json
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -121,3 +123,33 @@ def test_single_file_refusals(tmp_path):
     (tmp_path / "v1-5.ckpt").write_bytes(b"never read")
     with pytest.raises(WeightsError, match="refused"):
         UniDiff.from_pretrained(tmp_path / "v1-5.ckpt")
+
+
+def test_inpainting_unet_refused_at_construction(tmp_path):
+    """A 9-channel UNet (latents + masked-image latents + mask) is named when the model is built, from a
+    diffusers folder and from a single file alike, not by a shape error inside the first step."""
+    m = UniDiff.tiny()
+    unet9 = UNet(replace(m.unet.cfg, in_channels=9))
+    msg = "this UNet takes 9 input channels and gives 4 \\(an inpainting model\\?\\).* 4 in and 4 out = the VAE's"
+    with pytest.raises(WeightsError, match=msg):
+        UniDiff(m.clip, unet9, m.vae)
+    m.save(tmp_path / "inpaint")  # a diffusers folder whose unet/ is swapped for the inpainting one
+    save_safetensors(unet9.state_dict(), tmp_path / "inpaint" / "unet" / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "inpaint" / "unet" / "config.json").write_text(json.dumps(unet9.cfg.to_json()))
+    with pytest.raises(WeightsError, match=msg):
+        UniDiff.from_pretrained(tmp_path / "inpaint")
+    save_safetensors(to_single_file(unet9, m.vae, m.clip), tmp_path / "inpaint.safetensors")
+    with pytest.raises(WeightsError, match=msg):  # its head count comes from the preset it matches
+        UniDiff.from_pretrained(tmp_path / "inpaint.safetensors")
+    with pytest.raises(WeightsError, match="takes 4 input channels and gives 8;"):
+        UniDiff(m.clip, UNet(replace(m.unet.cfg, out_channels=8)), m.vae)
+
+
+def test_unknown_single_file_unet_advice_is_true(tmp_path):
+    """A single file stores no head count: the error points to the diffusers config.json, and that works."""
+    t = UniDiff.tiny()
+    m = UniDiff(t.clip, UNet(replace(t.unet.cfg, block_out_channels=(32, 96))), t.vae)  # matches no preset
+    m.save(tmp_path / "odd", single_file=True)
+    with pytest.raises(WeightsError, match=r"head count.*unet/config\.json of a diffusers folder"):
+        UniDiff.from_pretrained(tmp_path / "odd" / "model_single_file.safetensors")
+    assert UniDiff.from_pretrained(tmp_path / "odd").unet.cfg == m.unet.cfg
