@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from weights import WeightsError, download, ensure_weights, weights_dir
+from weights import (CLIP_REPO, WEIGHT_FILES, WeightsError, download, ensure_weights, pretrained, save_safetensors,
+                     weights_dir)
 
 
 class Hub(BaseHTTPRequestHandler):
@@ -148,3 +149,14 @@ def test_offline_names_every_missing_file_and_where(tmp_path):
     (tmp_path / "sd" / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")
     with pytest.raises(WeightsError, match=r"Place these files \(1;"):
         ensure_weights(tmp_path, base_url=f"http://127.0.0.1:{port}", files=files)
+
+
+def test_single_file_in_folder_fetches_only_clip(hub, tmp_path):
+    """With an SD single file in the weights folder, only CLIP ViT-L/14 (its vision tower) is downloaded."""
+    save_safetensors({"model.diffusion_model.conv_in.weight": torch.zeros(1)}, tmp_path / "v1-5-pruned-emaonly.safetensors")
+    for i, f in enumerate(WEIGHT_FILES[CLIP_REPO]):
+        Hub.files[f"/{CLIP_REPO}/resolve/main/{f}"] = blob(500 + i, seed=i)
+    assert pretrained(tmp_path, base_url=hub) == (tmp_path / "v1-5-pruned-emaonly.safetensors",
+                                                   tmp_path / "clip-vit-large-patch14")
+    assert (tmp_path / "clip-vit-large-patch14" / "model.safetensors").read_bytes() == blob(501, seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip-vit-large-patch14", "v1-5-pruned-emaonly.safetensors"]
