@@ -9,8 +9,11 @@ centre-cropped; no augmentation.
     open_dataset("demo", size=64)                           # synthetic, generated on the fly
 
 A folder holds images and a `metadata.jsonl` (one JSON object a line: `file_name`, `text`,
-optional `split`; the Hugging Face imagefolder convention) or `x.jpg` + `x.txt` pairs.
-Rows without a `split` get a seeded one (10% test, by hashing the file name). Faulty rows
+optional `split` and `group`; the Hugging Face imagefolder convention) or `x.jpg` + `x.txt` pairs.
+Rows of one `group` (e.g. the views of one garment; without it each row is its own group)
+always share a split, so no test image has a sibling in train. Rows without a `split` take
+the one metadata gives their group, else a seeded one: 10% of the groups, by hashing the
+group (or file name), go to test. A split with no rows is an error (DataError). Faulty rows
 are skipped and counted with the reason; odd image modes are converted and counted;
 `ds.report()` lists both. Presets are built from the public releases with:
 
@@ -22,6 +25,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from collections import Counter
@@ -69,7 +73,7 @@ class Tally:
 
 
 def split_of(key, seed=0):
-    """'train' or 'test' for a file name or id: stable across runs and machines, seeded."""
+    """'train' or 'test' for a group, file name or id: stable across runs and machines, seeded."""
     h = int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:8], "big")
     return "test" if h < TEST_FRACTION * 2**64 else "train"
 
@@ -141,7 +145,8 @@ def read_metadata(root, skipped):
         if not (isinstance(row, dict) and isinstance(row.get("file_name"), str) and isinstance(row.get("text"), str)):
             skipped.add("metadata line without file_name and text", where)
             continue
-        rows.append((row["file_name"], row["text"], row.get("split")))
+        group = row.get("group")
+        rows.append((row["file_name"], row["text"], row.get("split"), None if group is None else str(group)))
     return rows
 
 
@@ -150,7 +155,7 @@ def read_pairs(root, skipped):
     for p in images:
         name = p.relative_to(root).as_posix()
         try:
-            rows.append((name, p.with_suffix(".txt").read_text("utf-8"), None))
+            rows.append((name, p.with_suffix(".txt").read_text("utf-8"), None, None))
         except FileNotFoundError:
             skipped.add("image without caption", name)
         except UnicodeDecodeError:
@@ -175,8 +180,12 @@ class FolderDataset(Dataset):
                             "(one JSON object a line with file_name and text) or x.jpg + x.txt caption pairs.")
         with ThreadPoolExecutor(8) as pool:  # header reads: mostly waiting on the disk
             probes = list(pool.map(lambda r: probe(self.root / r[0], size), rows))
-        self.items, usable = [], 0
-        for (name, text, row_split), (reason, detail, conversions) in zip(rows, probes):
+        given = {}  # group -> the splits metadata gives its rows: a row without one follows them
+        for name, _, row_split, group in rows:
+            if row_split in ("train", "test"):
+                given.setdefault(group or name, set()).add(row_split)
+        self.items, usable, splits = [], 0, {}
+        for (name, text, row_split, group), (reason, detail, conversions) in zip(rows, probes):
             if not text.strip():
                 reason, detail = "empty caption", ""
             elif row_split not in (None, "train", "test"):
@@ -185,17 +194,27 @@ class FolderDataset(Dataset):
                 self.skipped.add(reason, f"{name} ({detail})" if detail else name)
                 continue
             usable += 1
-            if split in (None, row_split or split_of(name, seed)):
+            key = group or name
+            theirs = given.get(key, ())
+            row_split = row_split or (next(iter(theirs)) if len(theirs) == 1 else split_of(key, seed))
+            splits.setdefault(key, set()).add(row_split)
+            if split in (None, row_split):
                 self.items.append((name, text.strip()))
                 for c in conversions:
                     self.converted.add(c, name)
+        by = "group" if any(r[3] is not None for r in rows) else "file name"
+        how = "split from metadata.jsonl" if all(r[2] is not None for r in rows) else \
+            f"split seeded by {by} where metadata has none: seed {seed}, {TEST_FRACTION:.0%} of the {by}s to test"
         if not self.items:
-            raise DataError(f"{self.root}: no usable {split + ' ' if split else ''}images ({usable} usable in all). "
-                            + " ".join(self.skipped.lines("Skipped")))
-        given = sum(r[2] is not None for r in rows)
-        how = "split from metadata.jsonl" if given == len(rows) else \
-            f"split seeded by file name where metadata has none: seed {seed}, {TEST_FRACTION:.0%} test"
-        self.summary = f"{self.root}: {len(self.items)} {split or 'all'} images of {usable} usable; {how}"
+            if usable:  # every usable row is in the other split
+                raise DataError(f"{self.root}: no {split} images: all {usable} usable rows are in "
+                                f"{'test' if split == 'train' else 'train'} ({how}). Give some rows "
+                                f'"split": "{split}" in metadata.jsonl'
+                                + ("; train.py --eval-every 0 trains without test rows" if split == "test" else ""))
+            raise DataError(f"{self.root}: no usable images. " + " ".join(self.skipped.lines("Skipped")))
+        mixed = sorted(k for k, s in splits.items() if len(s) > 1)  # only metadata's own split column does this
+        leak = f"; warning: {len(mixed)} groups have rows in both train and test (e.g. {mixed[0]!r})" if mixed else ""
+        self.summary = f"{self.root}: {len(self.items)} {split or 'all'} images of {usable} usable; {how}{leak}"
         self.failed = set()  # per process: files that failed to decode after passing the index check
 
     def __len__(self):
@@ -396,6 +415,14 @@ def source_images(folder):
     return {p.name: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
 
 
+def garment_id(name):
+    """The item a DeepFashion-MultiModal image shows: `WOMEN-Dresses-id_00000002-04_1_front.jpg` is item
+    `id_00000002` (an In-shop product), photo set `04`, view `1_front`. All sets and views of an item
+    share a split (In-shop's own benchmark splits by item too), else test images have siblings in train."""
+    m = re.search(r"id_\d+", name)
+    return m.group() if m else name
+
+
 def prepare_deepfashion(src, out="data", seed=0):
     """DeepFashion-MultiModal (images/MEN-*, images/WOMEN-*, captions.json) -> out/fashion_man, out/fashion_woman."""
     src, out, skipped = Path(src), Path(out), Tally()
@@ -422,8 +449,9 @@ def prepare_deepfashion(src, out="data", seed=0):
         elif subset is None:
             skipped.add("name starts with neither MEN- nor WOMEN-", name)
         else:
-            candidates.append((subset, images[name],
-                               {"file_name": f"images/{name}", "text": text, "split": split_of(name, seed)}))
+            group = garment_id(name)
+            candidates.append((subset, images[name], {"file_name": f"images/{name}", "text": text,
+                                                      "split": split_of(group, seed), "group": group}))
     return write_sets(out, candidates, skipped)
 
 
@@ -480,8 +508,11 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="build a preset from a public release",
                                description="deepfashion: SRC holds images/ (MEN-*, WOMEN-*) and captions.json "
-                               "-> OUT/fashion_man, OUT/fashion_woman. products: SRC holds styles.csv and "
-                               "images/<id>.jpg -> OUT/ecommerce_product. Images are hard-linked where possible.")
+                               "-> OUT/fashion_man, OUT/fashion_woman; the split is seeded by garment (id_XXXXXXXX "
+                               "in the file name: all views of a garment share a split). products: SRC holds "
+                               "styles.csv and images/<id>.jpg -> OUT/ecommerce_product; seeded by id. "
+                               f"{TEST_FRACTION:.0%} of the garments or ids go to test. Images are hard-linked "
+                               "where possible.")
     prep.add_argument("source", choices=["deepfashion", "products"])
     prep.add_argument("--src", required=True, help="the downloaded release folder")
     prep.add_argument("--out", default="data", help="where the sets are written (default: data)")

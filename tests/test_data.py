@@ -169,6 +169,39 @@ def test_split_is_seeded_stable_and_honoured(tmp_path):
     assert "split from metadata.jsonl" in data.open_dataset(root, "test", size=8).report()[0]
 
 
+def test_group_keeps_its_rows_in_one_split(tmp_path):
+    root = tmp_path / "set"
+    root.mkdir()
+    rows = []
+    for i in range(180):  # 60 garments, 3 views each
+        rgb(root / f"{i}.png", 8, 8, seed=i)
+        rows.append({"file_name": f"{i}.png", "text": f"garment {i // 3} view {i % 3}", "group": f"g{i // 3}"})
+    rows[0]["split"] = "test"  # the group's other rows, without a split, follow it
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, test = (data.open_dataset(root, split, size=8) for split in ("train", "test"))
+    garments = lambda ds: {c.split()[1] for c in ds.captions}
+    assert len(train) + len(test) == 180 and len(garments(test)) >= 2
+    assert not garments(train) & garments(test)
+    assert {f"garment 0 view {v}" for v in range(3)} <= set(test.captions)
+    assert "split seeded by group" in test.report()[0] and "warning" not in test.report()[0]
+    rows[1]["split"] = "train"  # metadata's own split column splits group g0: kept as given, but said
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "warning: 1 groups have rows in both train and test (e.g. 'g0')" in data.open_dataset(root, "test", 8).report()[0]
+
+
+def test_a_split_without_rows_is_one_clear_error(tmp_path):
+    root = tmp_path / "set"
+    root.mkdir()
+    for i in range(5):
+        rgb(root / f"{i}.png", 8, 8, seed=i)
+    (root / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i}.png", "text": f"c{i}", "split": "train"}) + "\n" for i in range(5)))
+    assert len(data.open_dataset(root, "train", size=8)) == 5
+    with pytest.raises(data.DataError, match='no test images: all 5 usable rows are in train .split from metadata.jsonl.. '
+                                             'Give some rows "split": "test" in metadata.jsonl; train.py --eval-every 0'):
+        data.open_dataset(root, "test", size=8)
+
+
 def test_demo_is_deterministic_and_its_classes_are_distinct():
     ds = data.open_dataset("demo", "train", size=32)
     test = data.open_dataset("demo", "test", size=32)
@@ -246,6 +279,27 @@ def test_prepare_deepfashion(tmp_path, capsys):
     first = (out / "fashion_man" / "metadata.jsonl").read_text()
     data.main(["prepare", "deepfashion", "--src", str(tmp_path / "src"), "--out", str(out)])  # rerun: same
     assert (out / "fashion_man" / "metadata.jsonl").read_text() == first
+
+
+def test_prepare_deepfashion_keeps_each_garment_in_one_split(tmp_path):
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    captions, views = {}, ["1_front", "2_side", "3_back", "4_full", "7_additional"]
+    for g in range(30):  # the release's naming: <GENDER>-<Category>-id_<8 digits>-<set>_<view>.jpg
+        for k, view in enumerate(views):
+            name = f"WOMEN-Dresses-id_{g:08d}-{1 + k % 2:02d}_{view}.jpg"
+            rgb(src / "images" / name, 8, 8, seed=g)
+            captions[name] = f"Garment {g}."
+    (src / "captions.json").write_text(json.dumps(captions))
+    data.main(["prepare", "deepfashion", "--src", str(src), "--out", str(tmp_path / "data")])
+    rows = [json.loads(line) for line in (tmp_path / "data" / "fashion_woman" / "metadata.jsonl").read_text().splitlines()]
+    split_of_garment = {}
+    for r in rows:
+        assert r["group"] == "id_" + r["file_name"].split("id_")[1][:8]
+        split_of_garment.setdefault(r["group"], set()).add(r["split"])
+    assert len(rows) == 150 and len(split_of_garment) == 30
+    assert all(len(s) == 1 for s in split_of_garment.values())  # no garment in both splits
+    assert {"train"} in split_of_garment.values() and {"test"} in split_of_garment.values()
 
 
 def test_prepare_deepfashion_missing_release_is_clear(tmp_path, capsys):
