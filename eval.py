@@ -4,7 +4,9 @@
     python eval.py --ckpt runs/fashion_woman/step_001000 --data fashion_woman
 
 Each metric is computed for the model the run started from ("pretrained") and for the
-checkpoint, side by side, on the test split (all rows when the data has none):
+checkpoint, side by side, on the test split: the rows metadata.jsonl marks `test`, else a
+seeded 10% of the groups (see data.py); a data set without test rows stops with a message.
+FD and collapse need at least 2 images (a covariance, a pair), so --n and the test split too:
 - I→T / T→I Recall@1/5/10 (%), each model's own CLIP. A retrieved caption counts as correct
   when its text equals the query's (small datasets repeat captions).
 - CLIP score: 100 · cos(image, prompt) of images generated from test captions, clamped at 0,
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from data import DataError, open_dataset
+from data import TEST_FRACTION, DataError, open_dataset
 from weights import WeightsError
 
 
@@ -133,8 +135,9 @@ def main(argv=None):
     from train import RunError, latest_checkpoint, load_model, load_start
     p = argparse.ArgumentParser(description="Evaluate a run against the model it started from (Markdown table).")
     p.add_argument("--ckpt", required=True, help="a run folder (its latest checkpoint) or one checkpoint folder")
-    p.add_argument("--data", help="a preset or folder (default: the run's --data); its test split is used")
-    p.add_argument("--n", type=int, default=100, help="images generated for CLIP score and FD (default 100)")
+    p.add_argument("--data", help="a preset or folder (default: the run's --data); its test split is used: the rows "
+                   f"metadata marks test, else a seeded {TEST_FRACTION:.0%}% of the groups (see data.py)")
+    p.add_argument("--n", type=int, default=100, help="images generated for CLIP score and FD, at least 2 (default 100)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--seed", type=int, default=0)
@@ -142,11 +145,16 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16, help="images generated per batch (default 16)")
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args(argv)
+    if args.n < 2:
+        p.error(f"--n {args.n}: FD fits a covariance to the generated images, which needs at least 2")
     try:
         ckpt = latest_checkpoint(args.ckpt)
         run_args = json.loads((ckpt / "state.json").read_text())["args"]
         args.data, args.res = args.data or run_args["data"], args.res or run_args["res"]
         test_set = open_dataset(args.data, "test", args.res)
+        if len(test_set) < 2:
+            raise DataError(f"{args.data}: the test split has {len(test_set)} pair; FD and collapse need at least 2 "
+                            "(a covariance, a pair of images): mark more rows \"split\": \"test\" in metadata.jsonl")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         start, judge_name = load_start(ckpt.parent)

@@ -37,18 +37,20 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from data import DataError, open_dataset
+from data import TEST_FRACTION, DataError, open_dataset
 from unidiff import UniDiff
 from weights import WeightsError, pretrained, read_safetensors, save_safetensors
 
-# Defaults of a real fine-tune (SD 1.5 + CLIP-L at 512 px), and what `--data demo` changes.
+# Defaults of a real fine-tune (SD 1.5 + CLIP-L at 512 px), and what the tiny model changes on any data:
+# random init (high learning rates) and CPU-sized (32 px, a few minutes). The help text is built from these.
 DEFAULTS = dict(data=None, model="sd15", weights=None, steps=2000, batch_size=16, out=None, save_every=500,
                 eval_every=250, seed=0, lambda_itc=1.0, lambda_is=1.0, lambda_rsc=0.1, rsc_t_max=500,
+                snr_gamma=None, caption_dropout=0.1,  # classifier-free guidance needs the empty caption trained
                 lr_unet=1e-5, lr_clip=1e-6, train="unet,text,vision", grad_accum=1, grad_ckpt=False, ema=0.0,
                 warmup=100, compile=False, workers=None, res=512, max_grad_norm=1.0, vae_steps=200)
-DEMO = dict(model="tiny", steps=300, batch_size=32, res=32, lr_unet=2e-3, lr_clip=1e-3, save_every=100,
-            eval_every=50, warmup=20)
+TINY = dict(steps=300, batch_size=32, res=32, lr_unet=2e-3, lr_clip=1e-3, save_every=100, eval_every=50, warmup=20)
 LOG_EVERY = 10  # steps between progress lines (and NaN / Ctrl-C checks: the only host syncs)
+PROGRESS_EVERY = 5  # seconds between progress lines of long work without steps to count (the tiny VAE fit)
 SAMPLE = dict(n=8, steps=25, guidance=5.0)  # the validation grid: 8 test captions, 25 DDIM steps
 
 
@@ -56,50 +58,72 @@ class RunError(Exception):
     """A problem that stops the run cleanly; the message says what happened and what to do."""
 
 
+def defaults(model):
+    """The defaults of a run of `model`: the tiny model's apply on any data."""
+    return {**DEFAULTS, **(TINY if model == "tiny" else {}), "model": model}
+
+
+def default_text(key):
+    """e.g. 'default 2000; tiny 300', from DEFAULTS and TINY: the help says what the code does."""
+    show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+    return f"default {show(DEFAULTS[key])}" + (f"; tiny {show(TINY[key])}" if key in TINY else "")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    add = lambda flag, help, **kw: p.add_argument(flag, default=None, help=help, **kw)
-    add("--data", "a preset (fashion_woman, fashion_man, ecommerce_product, demo) or a folder")
-    add("--model", "sd15: SD 1.5 + CLIP ViT-L/14; tiny: random CPU-sized (default: tiny for demo)", choices=["sd15", "tiny"])
+    def add(flag, help, **kw):
+        if "{default}" in help:
+            help = help.replace("{default}", default_text(flag[2:].replace("-", "_")))
+        p.add_argument(flag, default=None, help=help, **kw)
+    add("--data", "a preset (fashion_woman, fashion_man, ecommerce_product, demo) or a folder; a folder's test\n"
+        f"split is its metadata's split column, else a seeded {TEST_FRACTION:.0%}% of its groups (see data.py)")
+    add("--model", "sd15: SD 1.5 + CLIP ViT-L/14; tiny: random, CPU-sized, with its own defaults\n"
+        "({default}; --data demo implies tiny)", choices=["sd15", "tiny"])
     add("--weights", "folder of the pretrained weights, or an SD 1.x single-file .safetensors "
         "(default: $UNIDIFF_WEIGHTS, else weights/)")
-    add("--steps", "optimizer steps in all (default 2000; demo 400)", type=int)
-    add("--batch-size", "global batch per optimizer step, over all ranks and micro-steps (default 16; demo 32)", type=int)
+    add("--steps", "optimizer steps in all ({default})", type=int)
+    add("--batch-size", "global batch per optimizer step, over all ranks and micro-steps ({default})", type=int)
     add("--out", "the run folder (default runs/<data>)")
-    add("--save-every", "steps between checkpoints (default 500; demo 200; 0: only at the end)", type=int)
-    add("--eval-every", "steps between validations: test retrieval + a sample grid (default 250; demo 100; 0: none)",
-        type=int)
-    add("--seed", "seed of the data order, noise and (tiny) the initial weights (default 0)", type=int)
+    add("--save-every", "steps between checkpoints ({default}; 0: only at the end)", type=int)
+    add("--eval-every", "steps between validations: test retrieval + a sample grid ({default}; 0: none)", type=int)
+    add("--seed", "seed of the data order, noise and (tiny) the initial weights ({default})", type=int)
     add("--resume", "continue the run in this folder from its latest checkpoint (flags given again override)")
-    add("--lambda-itc", "weight of the image-text contrastive loss (default 1)", type=float)
-    add("--lambda-is", "weight of the image-synthesis (diffusion) loss (default 1)", type=float)
-    add("--lambda-rsc", "weight of the reciprocal semantic consistency loss (default 0.1)", type=float)
-    add("--rsc-t-max", "RSC uses the samples with timestep t < this (default 500)", type=int)
-    add("--lr-unet", "peak learning rate of the UNet (default 1e-5; demo 2e-3)", type=float)
-    add("--lr-clip", "peak learning rate of CLIP, both towers (default 1e-6; demo 1e-3)", type=float)
-    add("--train", "the parts that train, comma-separated from unet,text,vision (default: all three)")
-    add("--grad-accum", "micro-steps per optimizer step (default 1): less memory, same global batch", type=int)
+    add("--lambda-itc", "weight of the image-text contrastive loss ({default})", type=float)
+    add("--lambda-is", "weight of the image-synthesis (diffusion) loss ({default})", type=float)
+    add("--lambda-rsc", "weight of the reciprocal semantic consistency loss ({default})", type=float)
+    add("--rsc-t-max", "RSC uses the samples with timestep t < this ({default})", type=int)
+    add("--snr-gamma", "min-SNR-γ weighting of the diffusion loss, e.g. 5 (default: none, the plain MSE)", type=float)
+    add("--caption-dropout", "probability of training a sample on the empty caption ({default})", type=float)
+    add("--lr-unet", "peak learning rate of the UNet ({default})", type=float)
+    add("--lr-clip", "peak learning rate of CLIP, both towers ({default})", type=float)
+    add("--train", "the parts that train, comma-separated from unet,text,vision ({default})")
+    add("--grad-accum", "micro-steps per optimizer step ({default}): less memory, same global batch", type=int)
     add("--grad-ckpt", "gradient checkpointing: recompute activations in backward (less memory, ~30%% slower)",
         action="store_const", const=True)
-    add("--ema", "EMA decay of the trained weights, e.g. 0.9999 (default 0: no EMA)", type=float)
-    add("--warmup", "linear warm-up steps before the cosine decay (default 100; demo 20)", type=int)
+    add("--ema", "EMA decay of the trained weights, e.g. 0.9999 ({default}: no EMA)", type=float)
+    add("--warmup", "linear warm-up steps before the cosine decay ({default})", type=int)
     add("--compile", "torch.compile each network (UniDiff.compile); minutes of compiling first",
         action="store_const", const=True)
     add("--workers", "data loader processes per rank (default 4 on GPU, 0 on CPU)", type=int)
-    add("--res", "training resolution in pixels (default 512; demo 32)", type=int)
-    add("--max-grad-norm", "clip the gradient norm to this (default 1; 0: no clipping)", type=float)
-    add("--vae-steps", "tiny only: steps fitting its random VAE as an autoencoder first (default 200)", type=int)
+    add("--res", "training resolution in pixels ({default})", type=int)
+    add("--max-grad-norm", "clip the gradient norm to this ({default}; 0: no clipping)", type=float)
+    add("--vae-steps", "tiny only: steps fitting its random VAE as an autoencoder first ({default})", type=int)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if "resume" in given:  # the run's own arguments, then whatever was given again
         state = json.loads((latest_checkpoint(given["resume"]) / "state.json").read_text())
-        args = {**state["args"], **given, "out": given["resume"]}
+        # defaults first: a run saved before a flag existed gets that flag's default
+        args = {**defaults(state["args"]["model"]), **state["args"], **given, "out": given["resume"]}
     else:
         if "data" not in given:
             p.error("--data is required (a preset, a folder, or demo), or --resume RUN_DIR")
-        base = {**DEFAULTS, **(DEMO if given["data"] == "demo" else {})}
-        args = {**base, **given}
+        model = given.get("model", "tiny" if given["data"] == "demo" else DEFAULTS["model"])
+        args = {**defaults(model), **given}
         args["out"] = args["out"] or str(Path("runs") / Path(args["data"]).name)
         args["resume"] = None
+    if not 0 <= args["caption_dropout"] <= 1:
+        p.error(f"--caption-dropout {args['caption_dropout']}: a probability, from 0 to 1")
+    if args["snr_gamma"] is not None and args["snr_gamma"] <= 0:
+        p.error(f"--snr-gamma {args['snr_gamma']}: must be > 0 (e.g. 5), or left out for the plain MSE")
     return argparse.Namespace(**args)
 
 
@@ -278,11 +302,13 @@ def train(args):
         raise RunError(f"--train {args.train!r}: choose from unet, text, vision (comma-separated)")
 
     # -- data
-    train_set, test_set = (open_dataset(args.data, split, args.res) for split in ("train", "test"))
+    splits = ("train", "test") if args.eval_every else ("train",)  # only validation reads the test rows
+    sets = {split: open_dataset(args.data, split, args.res) for split in splits}
+    train_set, test_set = sets["train"], sets.get("test")
     if master:  # what was skipped, converted, truncated at 77 tokens: counted, never silent
         from clip import Tokenizer
         seen = set()
-        for split, ds in (("train", train_set), ("test", test_set)):
+        for split, ds in sets.items():
             for line in ds.report(Tokenizer().lengths):
                 if line not in seen:
                     say(f"data ({split}): {line}")
@@ -357,7 +383,7 @@ def train(args):
         f"{args.res} px; {'bf16 autocast on ' + torch.cuda.get_device_name(device) if cuda else 'fp32 on CPU'}")
 
     losses_kw = dict(lambda_itc=args.lambda_itc, lambda_is=args.lambda_is, lambda_rsc=args.lambda_rsc,
-                     t_max=args.rsc_t_max)
+                     t_max=args.rsc_t_max, snr_gamma=args.snr_gamma, p_uncond=args.caption_dropout)
     if args.compile:
         model.compile()  # each network in place, before DDP sees it (UniDiff.compile)
     net = model
@@ -376,6 +402,7 @@ def train(args):
         if master:
             model.eval()
             with swap_in(params, ema), amp:
+                say(f"step {step} | validation: embedding {len(test_set)} test pairs")
                 img, txt = embed(model, test_set)
                 r = retrieval(img, txt, test_set.captions)
                 say(f"step {step} | test retrieval, {len(test_set)} pairs{' (EMA)' if ema else ''}: "
@@ -383,6 +410,7 @@ def train(args):
                     f"T→I {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f} | chance R@1 {r['chance_r1']:.1f} (%)")
                 picks = distinct(test_set.captions, SAMPLE["n"])
                 real = to_uint8(torch.stack([test_set[i][0] for i in picks]))
+                say(f"step {step} | validation: sampling {len(picks)} test captions, {SAMPLE['steps']} DDIM steps")
                 gen = model.generate([test_set.captions[i] for i in picks], steps=SAMPLE["steps"],
                                      guidance=SAMPLE["guidance"], seed=0, height=args.res, width=args.res)
             save_grid([real, gen], run / "samples" / f"step_{step:06d}.png")
@@ -480,10 +508,12 @@ def fit_vae(vae, dataset, steps, seed, say, batch=16, lr=3e-3):
     if not steps:
         return
     t0, crop = time.time(), max(8, dataset[0][0].shape[-1] // 2)
+    say(f"fitting the tiny VAE as an autoencoder: {steps} steps on {crop} px crops")
+    t_said = t0
     vae.requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr, weight_decay=0)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    for i in range(steps):
         x = torch.stack([dataset[i][0] for i in torch.randint(0, len(dataset), (batch,), generator=g).tolist()])
         top, left = torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=g).tolist()
         x = x[..., top:top + crop, left:left + crop]  # convolutions are local: half-size crops, 4x cheaper
@@ -494,6 +524,9 @@ def fit_vae(vae, dataset, steps, seed, say, batch=16, lr=3e-3):
         (mse + 1e-4 * kl).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if time.time() - t_said >= PROGRESS_EVERY:
+            t_said = time.time()
+            say(f"tiny VAE: step {i + 1}/{steps}, reconstruction MSE {mse.item():.4f} ({t_said - t0:.0f}s)")
     vae.requires_grad_(False)
     with torch.no_grad():
         x = torch.stack([dataset[i][0] for i in range(min(256, len(dataset)))])

@@ -1,4 +1,5 @@
 """eval.py and sample.py end to end on a tiny run, and the metrics on inputs with known answers."""
+import json
 import math
 
 import numpy as np
@@ -67,3 +68,19 @@ def test_frechet_and_collapse_on_known_inputs():
     b = torch.randn(500, 4) * 2  # Σb = 4 I: tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½ ≈ 4 + 16 − 16
     assert ev.frechet(a, b) == pytest.approx(4, abs=1.5)
     assert ev.collapse(torch.eye(3)) == 0 and ev.collapse(F.normalize(torch.ones(3, 2), dim=-1)) == pytest.approx(1)
+
+
+def test_eval_needs_two_images_and_says_so(run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--ckpt", str(run), "--n", "1"])
+    assert e.value.code == 2 and "FD fits a covariance to the generated images, which needs at least 2" in capsys.readouterr().err
+    root = tmp_path / "one_test"  # a folder whose test split has a single pair
+    root.mkdir()
+    for i, split in enumerate(["train", "train", "test"]):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
+    (root / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i}.png", "text": f"a photo {i}", "split": s}) + "\n"
+        for i, s in enumerate(["train", "train", "test"])))
+    assert ev.main(["--ckpt", str(run), "--data", str(root), "--n", "6", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "the test split has 1 pair; FD and collapse need at least 2" in err and "Traceback" not in err

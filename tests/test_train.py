@@ -5,13 +5,19 @@ except DDP, which needs torchrun.
 """
 import errno
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 import train
 from helpers import rel_err
@@ -123,7 +129,8 @@ def test_bad_data_is_skipped_counted_and_the_run_goes_on(tmp_path, capsys):
     assert "Traceback" not in err
     for line in ["skipped 2: unreadable image", "skipped 1: missing image", "skipped 1: empty caption",
                  "skipped 1: metadata line not valid UTF-8", "skipped 1: metadata line not valid JSON",
-                 "converted 1: CMYK → RGB", "truncated 1: caption longer than 77 tokens"]:
+                 "converted 1: CMYK → RGB", "truncated 1: caption longer than 77 tokens",
+                 "step 0 | validation: embedding", "step 2 | validation: sampling"]:  # long work says what it does
         assert line in out
     assert (tmp_path / "r" / "step_000002" / "state.json").is_file()
     assert (tmp_path / "r" / "samples" / "step_000002.png").is_file()
@@ -157,3 +164,78 @@ def test_ddp_two_processes_equal_one(tmp_path):
     # Reductions in another order differ by rounding, which Adam's normalisation lifts to ~2e-5 of a
     # weight's scale over 3 steps; a real mismatch (e.g. noise drawn per rank) gives O(1) here.
     assert max(rel_err(b[k], a[k]) for k in same) < 1e-4
+
+
+def test_tiny_defaults_apply_on_any_data():
+    folder = train.parse_args(["--data", "my/folder", "--model", "tiny"])
+    demo = train.parse_args(["--data", "demo"])
+    for key, value in train.TINY.items():
+        assert getattr(folder, key) == getattr(demo, key) == value
+    assert folder.model == demo.model == "tiny" and folder.res == 32 and folder.out == str(Path("runs/folder"))
+    sd15 = train.parse_args(["--data", "demo", "--model", "sd15", "--steps", "7"])
+    assert (sd15.res, sd15.lr_unet, sd15.steps) == (512, 1e-5, 7)  # tiny's defaults only for the tiny model
+
+
+def test_help_states_the_defaults_the_code_uses(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    options = re.split(r"\n  (?=--)", capsys.readouterr().out.split("options:")[1])
+    run = {"sd15": vars(train.parse_args(["--data", "x"])), "tiny": vars(train.parse_args(["--data", "demo"]))}
+    def same(shown, value):
+        return shown == str(value) or isinstance(value, (int, float)) and float(shown) == value
+    checked = set()
+    for text in options:
+        text = " ".join(text.split())
+        key = text.split()[0][2:].replace("-", "_")
+        m = re.search(r"\(default ([^;:)]+)(?:; (\w+) ([^;:)]+))?", text)
+        if m is None or train.DEFAULTS.get(key) is None:  # e.g. --out, --workers: defaults in words
+            continue
+        assert same(m[1], run["sd15"][key]), text
+        if key == "model":
+            assert "--data demo implies tiny" in text
+        elif run["tiny"][key] != run["sd15"][key]:
+            assert m[2] == "tiny" and same(m[3], run["tiny"][key]), text
+        checked.add(key)
+    assert set(train.TINY) | {"lambda_rsc", "rsc_t_max", "caption_dropout", "max_grad_norm", "vae_steps"} <= checked
+
+
+def test_snr_gamma_and_caption_dropout_reach_the_losses(tmp_path, monkeypatch):
+    assert (train.parse_args(["--data", "demo"]).snr_gamma, train.parse_args(["--data", "demo"]).caption_dropout) == (None, 0.1)
+    real, seen = train.UniDiff.losses, []
+    def losses(self, *a, **kw):
+        seen.append(kw)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(train.UniDiff, "losses", losses)
+    torch.manual_seed(0)
+    assert train.main(TINY + ["--steps", "1", "--snr-gamma", "5", "--caption-dropout", "0.3",
+                              "--out", str(tmp_path / "r")]) == 0
+    assert seen and all(kw["snr_gamma"] == 5 and kw["p_uncond"] == 0.3 for kw in seen)
+
+
+def test_fit_vae_shows_progress(monkeypatch):
+    clock = iter(range(0, 10**6, 2))  # every reading of the clock is 2 s later
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: next(clock)))
+    lines = []
+    train.fit_vae(train.UniDiff.tiny().vae, train.open_dataset("demo", "train", 16), 12, 0, lines.append, batch=2)
+    progress = [re.fullmatch(r"tiny VAE: step (\d+)/12, reconstruction MSE (\S+) \((\d+)s\)", s) for s in lines]
+    progress = [m for m in progress if m]
+    assert lines[0].startswith("fitting the tiny VAE as an autoencoder: 12 steps")
+    assert 2 <= len(progress) < 12  # a line every PROGRESS_EVERY seconds, not every step
+    assert [int(m[1]) for m in progress] == sorted({int(m[1]) for m in progress})
+    assert all(math.isfinite(float(m[2])) for m in progress)
+    assert lines[-1].startswith("tiny VAE fitted as an autoencoder: 12 steps")
+
+
+def test_a_folder_without_test_rows_trains_without_validation(tmp_path, capsys):
+    root = tmp_path / "set"
+    root.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(root / f"{i}.png")
+    (root / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i}.png", "text": f"photo {i}", "split": "train"}) + "\n" for i in range(4)))
+    flags = ["--data", str(root), "--model", "tiny", "--res", "16", "--batch-size", "2", "--steps", "1",
+             "--vae-steps", "0", "--out", str(tmp_path / "r")]
+    assert train.main(flags) == 2  # validation needs test rows: one clear line
+    err = capsys.readouterr().err
+    assert "no test images: all 4 usable rows are in train" in err and "--eval-every 0" in err
+    assert train.main(flags + ["--eval-every", "0"]) == 0
