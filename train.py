@@ -402,15 +402,15 @@ def train(args):
         if master:
             model.eval()
             with swap_in(params, ema), amp:
-                say(f"step {step} | validation: embedding {len(test_set)} test pairs")
+                picks = distinct(test_set.captions, SAMPLE["n"])
+                say(f"step {step} | validation: embedding {len(test_set)} test pairs, then sampling "
+                    f"{len(picks)} test captions ({SAMPLE['steps']} DDIM steps)")
                 img, txt = embed(model, test_set)
                 r = retrieval(img, txt, test_set.captions)
                 say(f"step {step} | test retrieval, {len(test_set)} pairs{' (EMA)' if ema else ''}: "
                     f"I→T R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} | "
                     f"T→I {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f} | chance R@1 {r['chance_r1']:.1f} (%)")
-                picks = distinct(test_set.captions, SAMPLE["n"])
                 real = to_uint8(torch.stack([test_set[i][0] for i in picks]))
-                say(f"step {step} | validation: sampling {len(picks)} test captions, {SAMPLE['steps']} DDIM steps")
                 gen = model.generate([test_set.captions[i] for i in picks], steps=SAMPLE["steps"],
                                      guidance=SAMPLE["guidance"], seed=0, height=args.res, width=args.res)
             save_grid([real, gen], run / "samples" / f"step_{step:06d}.png")
@@ -513,7 +513,7 @@ def fit_vae(vae, dataset, steps, seed, say, batch=16, lr=3e-3):
     vae.requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr, weight_decay=0)
     g = torch.Generator().manual_seed(seed)
-    for i in range(steps):
+    for step in range(steps):
         x = torch.stack([dataset[i][0] for i in torch.randint(0, len(dataset), (batch,), generator=g).tolist()])
         top, left = torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=g).tolist()
         x = x[..., top:top + crop, left:left + crop]  # convolutions are local: half-size crops, 4x cheaper
@@ -526,7 +526,7 @@ def fit_vae(vae, dataset, steps, seed, say, batch=16, lr=3e-3):
         opt.zero_grad(set_to_none=True)
         if time.time() - t_said >= PROGRESS_EVERY:
             t_said = time.time()
-            say(f"tiny VAE: step {i + 1}/{steps}, reconstruction MSE {mse.item():.4f} ({t_said - t0:.0f}s)")
+            say(f"tiny VAE: step {step + 1}/{steps}, reconstruction MSE {mse.item():.4f} ({t_said - t0:.0f}s)")
     vae.requires_grad_(False)
     with torch.no_grad():
         x = torch.stack([dataset[i][0] for i in range(min(256, len(dataset)))])
