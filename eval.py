@@ -144,6 +144,7 @@ def main(argv=None):
     p.add_argument("--res", type=int, help="generation and data resolution (default: the run's --res)")
     p.add_argument("--batch", type=int, default=16, help="images generated per batch (default 16)")
     p.add_argument("--out", help="also write the table to this file")
+    p.add_argument("--weights", choices=["ema", "live"], help="the EMA or the trained weights (default: EMA if any)")
     args = p.parse_args(argv)
     if args.n < 2:
         p.error(f"--n {args.n}: FD fits a covariance to the generated images, which needs at least 2")
@@ -158,11 +159,12 @@ def main(argv=None):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         start, judge_name = load_start(ckpt.parent)
-        model, _ = load_model(ckpt)
+        model, _, weights = load_model(ckpt, args.weights)
         start.to(device).eval()
         model.to(device).eval()
-        print(f"evaluating {ckpt} on {args.data} (test split, {len(test_set)} pairs; {min(args.n, len(test_set))} "
-              f"generated at {args.res} px, {args.steps} DDIM steps, guidance {args.guidance})", file=sys.stderr)
+        print(f"evaluating {ckpt} ({weights} weights) on {args.data} (test split, {len(test_set)} pairs; "
+              f"{min(args.n, len(test_set))} generated at {args.res} px, {args.steps} DDIM steps, guidance "
+              f"{args.guidance})", file=sys.stderr)
         with amp:
             columns = {"pretrained": evaluate(start, start, test_set, args),
                        f"run ({ckpt.name})": evaluate(model, start, test_set, args)}

@@ -4,7 +4,8 @@
     python sample.py --ckpt runs/fashion_woman/step_001000 --prompt "..." --n 4 --steps 50 --out grid.png
 
 One row per prompt, `--n` images each. `--ckpt` is a run folder (its latest checkpoint) or one
-checkpoint folder; a checkpoint trained with --ema samples with its EMA weights.
+checkpoint folder; a checkpoint trained with --ema samples with its EMA weights (`--weights live`:
+the trained weights themselves).
 """
 import argparse
 import json
@@ -29,11 +30,12 @@ def main(argv=None):
     p.add_argument("--height", type=int, help="pixels (default: the run's training resolution)")
     p.add_argument("--width", type=int, help="pixels (default: the run's training resolution)")
     p.add_argument("--out", default="grid.png", help="the PNG to write (default grid.png)")
+    p.add_argument("--weights", choices=["ema", "live"], help="the EMA or the trained weights (default: EMA if any)")
     args = p.parse_args(argv)
     try:
         ckpt = latest_checkpoint(args.ckpt)
         res = json.loads((ckpt / "state.json").read_text())["args"]["res"]
-        model, _ = load_model(ckpt)
+        model, _, weights = load_model(ckpt, args.weights)
     except (WeightsError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -49,7 +51,7 @@ def main(argv=None):
                                height=h, width=w) for i, prompt in enumerate(args.prompt)]
     save_grid(rows, Path(args.out))
     print(f"{args.out}: {len(rows)} prompt(s) × {args.n} images, {w}×{h}, {args.steps} steps, guidance {args.guidance}, "
-          f"seed {args.seed}, from {ckpt}")
+          f"seed {args.seed}, from {ckpt} ({weights} weights)")
     return 0
 
 

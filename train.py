@@ -49,7 +49,10 @@ DEFAULTS = dict(data=None, model="sd15", weights=None, steps=2000, batch_size=16
                 lr_unet=1e-5, lr_clip=1e-6, train="unet,text,vision", grad_accum=1, grad_ckpt=False, ema=0.0,
                 warmup=100, compile=False, workers=None, res=512, max_grad_norm=1.0, vae_steps=200)
 TINY = dict(steps=300, batch_size=32, res=32, lr_unet=2e-3, lr_clip=1e-3, save_every=100, eval_every=50, warmup=20)
-LOG_EVERY = 10  # steps between progress lines (and NaN / Ctrl-C checks: the only host syncs)
+LOG_EVERY = 10  # steps between progress lines (and NaN checks: the only host syncs)
+# Non-finite gradients in a row that stop the run: one odd batch is skipped and forgotten, but a whole
+# progress line of them means every batch now diverges (learning rate too high): skipping only burns time.
+MAX_SKIPS = LOG_EVERY
 PROGRESS_EVERY = 5  # seconds between progress lines of long work without steps to count (the tiny VAE fit)
 SAMPLE = dict(n=8, steps=25, guidance=5.0)  # the validation grid: 8 test captions, 25 DDIM steps
 
@@ -110,9 +113,10 @@ def parse_args(argv=None):
     add("--vae-steps", "tiny only: steps fitting its random VAE as an autoencoder first ({default})", type=int)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if "resume" in given:  # the run's own arguments, then whatever was given again
-        state = json.loads((latest_checkpoint(given["resume"]) / "state.json").read_text())
-        # defaults first: a run saved before a flag existed gets that flag's default
-        args = {**defaults(state["args"]["model"]), **state["args"], **given, "out": given["resume"]}
+        ckpt = latest_checkpoint(given["resume"])
+        state = json.loads((ckpt / "state.json").read_text())
+        # defaults first: a run saved before a flag existed gets that flag's default; new checkpoints go beside it
+        args = {**defaults(state["args"]["model"]), **state["args"], **given, "out": str(ckpt.parent)}
     else:
         if "data" not in given:
             p.error("--data is required (a preset, a folder, or demo), or --resume RUN_DIR")
@@ -129,27 +133,43 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------ run folders
 
+def checkpoints(run):
+    """The complete `step_*` folders of a run folder, oldest first (by number: step_1000000 > step_999999)."""
+    steps = [p for p in Path(run).glob("step_*") if p.name[5:].isdigit() and (p / "state.json").is_file()]
+    return sorted(steps, key=lambda p: int(p.name[5:]))
+
+
 def latest_checkpoint(path):
     """A checkpoint folder, or the newest complete `step_*` folder of a run folder."""
     path = Path(path)
     if (path / "state.json").is_file():
         return path
-    steps = sorted(p for p in path.glob("step_*") if (p / "state.json").is_file())
+    steps = checkpoints(path)
     if not steps:
         raise RunError(f"{path}: no checkpoint here (expected a run folder with step_* folders, or one of them)")
     return steps[-1]
 
 
-def load_model(path):
-    """(UniDiff, checkpoint folder) for a run folder or a checkpoint; its EMA weights when it has them."""
+def load_model(path, weights=None):
+    """(UniDiff, checkpoint folder, "ema" or "live") for a run folder or a checkpoint. `weights`: "ema",
+    "live", or None: what its model folders hold (the EMA when the run had --ema; `live.safetensors` then
+    holds the trained weights)."""
     ckpt = latest_checkpoint(path)
+    live = ckpt / "live.safetensors"
+    if weights == "ema" and not live.is_file():
+        raise RunError(f"{ckpt} has no EMA weights (its run trained without --ema): use --weights live")
     model = UniDiff.from_pretrained(ckpt)
-    if (ckpt / "ema.safetensors").is_file():
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in read_safetensors(ckpt / "ema.safetensors").items():
-                params[name].copy_(value)
-    return model, ckpt
+    if weights == "live" and live.is_file():
+        load_params(model, read_safetensors(live))
+    return model, ckpt, weights or ("ema" if live.is_file() else "live")
+
+
+def load_params(model, tensors):
+    """Copy named tensors (a subset of the model's parameters) into the model."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
 
 
 def load_start(run):
@@ -165,22 +185,25 @@ def load_start(run):
 
 
 def save_checkpoint(run, step, model, named, opt, ema, state):
-    """Write `run/step_XXXXXX/` atomically: into a hidden temp folder, renamed when complete."""
+    """Write `run/step_XXXXXX/` atomically: into a hidden temp folder, renamed when complete. The model
+    folders (what diffusers, transformers and ComfyUI open) hold the EMA weights when there are some, as
+    sample.py and eval.py use by default; `live.safetensors` then holds the trained ones (for --resume)."""
     final, tmp = run / f"step_{step:06d}", run / f".step_{step:06d}.tmp"
     if final.exists():
         return final
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save(tmp)
+        with swap_in([p for _, p in named], ema):
+            model.save(tmp)
         save_safetensors(optimizer_tensors(opt, named), tmp / "optimizer.safetensors")
         if ema is not None:
-            save_safetensors(dict(zip((n for n, _ in named), ema)), tmp / "ema.safetensors")
+            save_safetensors(dict(named), tmp / "live.safetensors")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         os.rename(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
         if isinstance(e, OSError):
-            prev = sorted(run.glob("step_*"))
+            prev = checkpoints(run)
             raise RunError(f"could not write checkpoint {final} ({e.strerror or e}); nothing was lost: "
                            + (f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint")
                            + ". Free some disk space and --resume.") from None
@@ -315,9 +338,12 @@ def train(args):
                     seen.add(line)
 
     # -- model: a checkpoint, or where the run starts
-    ckpt = latest_checkpoint(run) if args.resume else None
+    ckpt = latest_checkpoint(args.resume) if args.resume else None
     if ckpt is None and any(run.glob("step_*")):
         raise RunError(f"{run} already holds checkpoints: continue it with --resume {run}, or pick another --out")
+    if ckpt is not None and ckpt.name != checkpoints(run)[-1].name:
+        raise RunError(f"{run} holds checkpoints after {ckpt.name} (the latest is {checkpoints(run)[-1].name}): "
+                       f"continuing from {ckpt.name} would mix two runs there; move the later ones out first")
     if ckpt is not None:
         say(f"resuming from {ckpt}")
         model = UniDiff.from_pretrained(ckpt)
@@ -368,16 +394,15 @@ def train(args):
     lrs = {"unet": args.lr_unet, "clip": args.lr_clip}
     opt = torch.optim.AdamW([{"params": [p for _, p in g], "base_lr": lrs[part], "lr": lrs[part],
                               "weight_decay": 1e-2 if decay else 0.0} for (part, decay), g in groups.items()],
-                            betas=(0.9, 0.999), eps=1e-8, fused=cuda)
-    ema = [p.detach().float().clone() for p in params] if args.ema else None
+                            betas=(0.9, 0.999), eps=1e-8, fused=True)  # fused: can skip a step on device (found_inf)
+    ema = [p.detach().float().clone() for p in params] if args.ema else None  # resuming: the checkpoint's EMA
     step = 0
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
         step = state["step"]
         load_optimizer(opt, named, read_safetensors(ckpt / "optimizer.safetensors"))
-        if ema is not None:
-            saved = read_safetensors(ckpt / "ema.safetensors") if (ckpt / "ema.safetensors").is_file() else {}
-            ema = [saved[n].to(device) if n in saved else p.detach().float().clone() for n, p in named]
+        if (ckpt / "live.safetensors").is_file():  # the model folders held the EMA: now the weights that train
+            load_params(model, read_safetensors(ckpt / "live.safetensors"))
     say(f"model: {args.model}, training {', '.join(parts)} ({sum(p.numel() for p in params) / 1e6:.1f}M parameters); "
         f"global batch {args.batch_size} = {world} rank(s) × {args.grad_accum} micro-step(s) × {micro}; "
         f"{args.res} px; {'bf16 autocast on ' + torch.cuda.get_device_name(device) if cuda else 'fp32 on CPU'}")
@@ -394,9 +419,17 @@ def train(args):
     workers = args.workers if args.workers is not None else (4 if cuda else 0)
     loader = DataLoader(train_set, batch_sampler=Batches(len(train_set), micro, world, rank, args.seed,
                                                          step * args.batch_size),
-                        num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
+                        num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
+                        worker_init_fn=ignore_signals)
     batches = iter(loader)
     tokenizer = model.tokenizer
+
+    def stopped(what):
+        last = checkpoints(run)
+        return RunError(f"{what}. Stopped without saving; "
+                        + (f"the last good checkpoint is {last[-1]} (--resume {run})" if last
+                           else "there is no checkpoint yet")
+                        + ". Try lower learning rates (--lr-unet/--lr-clip) or --max-grad-norm.")
 
     def validate():
         if master:
@@ -419,6 +452,9 @@ def train(args):
             dist.barrier()
 
     def save():
+        tensors = params + (ema or [])  # every rank checks (the same weights), so all stop together
+        if not torch.stack([t.isfinite().all() for t in tensors]).all():
+            raise stopped(f"the weights are not finite after step {step}")
         if master:
             state = {"step": step, "samples_seen": step * args.batch_size, "world": world, "args": vars(args),
                      "rng": "derived: a generator seeded by (seed, step, micro-step) each micro-step"}
@@ -426,17 +462,23 @@ def train(args):
         if ddp:
             dist.barrier()
 
-    stop = []  # Ctrl-C: finish the step, save, exit; a second Ctrl-C exits at once
-    def on_sigint(*_):
-        stop.append(1)
+    # Ctrl-C or SIGTERM (schedulers, torchrun): finish the step, save, exit; a second one exits at once.
+    # The ranks agree after every step (torchrun kills them 30 s after forwarding the signal).
+    stop = [0]  # the signal's number
+    stop_group = dist.new_group(backend="gloo") if ddp else None  # the flag goes host to host: no GPU sync
+    def on_signal(signum, _):
+        stop[0] = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        say("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        say(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (a second Ctrl-C or SIGTERM "
+            "quits without saving)")
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     try:
         if step == 0 and args.eval_every:
             validate()
         sums = torch.zeros(4, device=device)  # itc, is, rsc, total summed over the steps since the last line
+        skips = torch.zeros(2, device=device)  # steps skipped since the last line, and in a row until now
         n_sum, t_line, t_run, steps_run = 0, time.time(), 0.0, 0
         gen = torch.Generator()  # on the host: see UniDiff.losses
         while step < args.steps:
@@ -456,40 +498,55 @@ def train(args):
                         out = net(pixels, ids, generator=gen, **losses_kw)
                     (out["total"] / args.grad_accum).backward()
                 sums += torch.stack([out[k].detach().float() for k in ("itc", "is_", "rsc", "total")]) / args.grad_accum
+            # A non-finite gradient (the loss can still be finite) skips the step: AdamW's found_inf leaves
+            # weights and moments as they were, decided on the device (no host sync); the EMA waits too.
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             if args.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                torch.nn.utils.clip_grads_with_norm_(params, args.max_grad_norm, norm)
+            bad = (~norm.isfinite()).float()  # 0-dim, 1.0: skip
+            opt.found_inf = bad
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - args.ema)
+            skips[0] += bad
+            skips[1] = (skips[1] + 1) * bad
+            if ema is not None:  # warm-up (t = steps before this one): the initial weights fade out early
+                w = (1 - min(args.ema, (1 + step) / (10 + step))) * (1 - bad)
+                torch._foreach_lerp_(ema, [p.detach().float() for p in params], [w] * len(ema))
             step, n_sum = step + 1, n_sum + 1
+            stopping = stop[0]  # read once: a signal arriving from here on counts for the next step
+            if ddp:  # whichever rank got the signal, all stop after this same step
+                flag = torch.tensor([stopping])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
+                stopping = int(flag)
             at_eval = bool(args.eval_every) and (step % args.eval_every == 0 or step == args.steps)
             at_save = step == args.steps or bool(args.save_every) and step % args.save_every == 0
-            if step % LOG_EVERY and not (at_eval or at_save or (stop and not ddp)):
+            if step % LOG_EVERY and not (at_eval or at_save or stopping):
                 continue
-            # -- a sync point: progress line, NaN check, Ctrl-C agreement between ranks
-            flags = torch.cat([sums, torch.tensor([float(bool(stop))], device=device)])
+            # -- a sync point: progress line, NaN and skipped-step checks
+            flags = torch.cat([sums, skips])
             if ddp:
                 dist.all_reduce(flags)
-            mean = (flags[:4] / (n_sum * world)).tolist()
+            flags = (flags / world).tolist()
+            mean, skipped, in_a_row = [x / n_sum for x in flags[:4]], round(flags[4]), round(flags[5])
             elapsed = time.time() - t_line
             t_run, steps_run = t_run + elapsed, steps_run + n_sum
             if not all(map(math.isfinite, mean)):
-                last = sorted(run.glob("step_*"))
-                raise RunError(f"the loss is not finite between steps {step - n_sum + 1} and {step} "
-                               f"(itc {mean[0]:.4g}, is {mean[1]:.4g}, rsc {mean[2]:.4g}). Stopped without saving; "
-                               + (f"the last good checkpoint is {last[-1]} (--resume {run})" if last
-                                  else "there is no checkpoint yet")
-                               + ". Try lower learning rates (--lr-unet/--lr-clip) or --max-grad-norm.")
+                raise stopped(f"the loss is not finite between steps {step - n_sum + 1} and {step} "
+                              f"(itc {mean[0]:.4g}, is {mean[1]:.4g}, rsc {mean[2]:.4g})")
+            if in_a_row >= MAX_SKIPS:
+                raise stopped(f"the gradient was not finite at each of the last {in_a_row} steps (up to step "
+                              f"{step}; skipped, so the weights are intact)")
             say(f"step {step}/{args.steps} | loss {mean[3]:.4f} (itc {mean[0]:.4f} is {mean[1]:.4f} rsc {mean[2]:.4f}) | "
                 f"lr ×{factor:.3f} | {n_sum * args.batch_size / elapsed:.1f} img/s | "
-                f"ETA {fmt_time((args.steps - step) * t_run / steps_run)}")
+                f"ETA {fmt_time((args.steps - step) * t_run / steps_run)}"
+                + (f" | skipped {skipped} of {n_sum} steps (non-finite gradient)" if skipped else ""))
             sums.zero_()
+            skips[0] = 0
             n_sum = 0
-            if flags[4] > 0:
+            if stopping:
                 save()
                 say(f"stopped at step {step}: continue with  python train.py --resume {run}")
-                return 130
+                return 128 + stopping  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
             if at_eval:
                 validate()
             if at_save:
@@ -498,7 +555,8 @@ def train(args):
         say(f"done: {step} steps; checkpoints in {run}/, samples in {run / 'samples'}/")
         return 0
     finally:
-        signal.signal(signal.SIGINT, old_handler)
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
 
 
 def fit_vae(vae, dataset, steps, seed, say, batch=16, lr=3e-3):
@@ -550,6 +608,13 @@ class swap_in:
     def __exit__(self, *exc):
         if self.ema is not None:
             torch._foreach_copy_([p.data for p in self.params], self.live)
+
+
+def ignore_signals(worker_id):
+    """DataLoader workers share the terminal's (or torchrun's) process group: Ctrl-C and SIGTERM reach
+    them too, and a dead worker would stop the run before it saves. The main process handles both."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def distinct(captions, n):

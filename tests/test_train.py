@@ -51,7 +51,8 @@ def test_resume_after_ctrl_c_equals_straight_run(tmp_path, monkeypatch):
     assert train.main(["--resume", str(tmp_path / "b")]) == 0
 
     a, b = weights(tmp_path / "a" / "step_000004"), weights(tmp_path / "b" / "step_000004")
-    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a) and any(".exp_avg_sq" in k for k in a)
+    # the model folders hold the EMA, live.safetensors the trained weights: both must come back
+    assert a.keys() == b.keys() and any(k.startswith("live.") for k in a) and any(".exp_avg_sq" in k for k in a)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bit-equal in fp32 on the CPU
     assert json.loads((tmp_path / "b" / "step_000004" / "state.json").read_text())["samples_seen"] == 16
 
@@ -69,7 +70,7 @@ def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "No space left on device" in err and "step_000002 is intact" in err and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["init", "run.json", "step_000002"]  # no temp left
-    model, ckpt = train.load_model(tmp_path / "r")
+    model, ckpt, _ = train.load_model(tmp_path / "r")
     assert ckpt.name == "step_000002" and isinstance(model, train.UniDiff)
 
 
@@ -92,7 +93,7 @@ def test_killed_while_saving_leaves_previous_checkpoint_loadable(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert killed.returncode == 137, killed.stderr[-2000:]
     assert (run / ".step_000004.tmp").is_dir()  # the half-written checkpoint, never renamed into place
-    model, ckpt = train.load_model(run)
+    model, ckpt, _ = train.load_model(run)
     assert ckpt.name == "step_000002" and isinstance(model, train.UniDiff)
     assert train.main(["--resume", str(run)]) == 0  # and the run continues from it
     assert sorted(p.name for p in run.glob("step_*")) == ["step_000002", "step_000004"]
