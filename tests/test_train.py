@@ -240,3 +240,156 @@ def test_a_folder_without_test_rows_trains_without_validation(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no test images: all 4 usable rows are in train" in err and "--eval-every 0" in err
     assert train.main(flags + ["--eval-every", "0"]) == 0
+
+
+# A per-step hook, then train.main: argv = SIGNAL STEP TO train-flags... At the start of step STEP the
+# signal goes to the process group ("group": what Ctrl-C in a terminal does: the main process and its
+# loader workers) or to one rank's process ("rank1"). Each rank reports the last step it started.
+SIGNAL_AT_STEP = """
+import os, signal, sys, train
+sig, at, to = signal.Signals[sys.argv[1]], int(sys.argv[2]), sys.argv[3]
+real, last = train.lr_factor, [None]
+def lr_factor(step, *a):  # called once at the start of each step
+    last[0] = step
+    if step == at and to == "group":
+        os.killpg(0, sig)
+    if step == at and to == "rank" + os.environ.get("RANK", "0"):
+        os.kill(os.getpid(), sig)
+    return real(step, *a)
+train.lr_factor = lr_factor
+code = train.main(sys.argv[4:])
+print(f"rank {os.environ.get('RANK', '0')}: last step started {last[0]}, exit {code}", flush=True)
+sys.exit(code)
+"""
+
+
+def signal_at_step(tmp_path, launcher, args):
+    script = tmp_path / "signal_at_step.py"
+    script.write_text(SIGNAL_AT_STEP)
+    return subprocess.run([*launcher, str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                          start_new_session=True)  # its own process group: killpg(0) reaches nothing else
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_with_loader_workers_saves_and_resumes(tmp_path, sig, code):
+    run = tmp_path / "r"
+    # Ctrl-C (or a scheduler's SIGTERM) reaches the whole process group, loader workers too. The workers
+    # alternate batches, so at step 2 both have started; with 6 micro-steps the step under way needs
+    # batches beyond the 4 already requested: the workers must live on.
+    p = signal_at_step(tmp_path, [sys.executable], [sig, "2", "group", *TINY, "--batch-size", "6", "--grad-accum", "6",
+                                                     "--steps", "4", "--save-every", "4", "--workers", "2",
+                                                     "--out", str(run)])
+    assert p.returncode == code, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "exited unexpectedly" not in p.stderr and "Traceback" not in p.stderr
+    assert "stopped at step 3" in p.stdout  # the step under way finished, then saved
+    assert [c.name for c in train.checkpoints(run)] == ["step_000003"]
+    assert train.main(["--resume", str(run)]) == 0
+    assert [c.name for c in train.checkpoints(run)] == ["step_000003", "step_000004"]
+
+
+def test_ddp_sigterm_to_one_rank_stops_both_after_that_step(tmp_path):
+    run = tmp_path / "r"
+    p = signal_at_step(tmp_path, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                       ["SIGTERM", "2", "rank1", *TINY, "--steps", "5", "--save-every", "5", "--out", str(run)])
+    out = p.stdout + p.stderr
+    # both ranks finished step 3 (started as step 2), saved it together, and stopped: not at a multiple of 10
+    assert "rank 0: last step started 2, exit 143" in out and "rank 1: last step started 2, exit 143" in out, out[-3000:]
+    assert "stopped at step 3" in p.stdout
+    assert [c.name for c in train.checkpoints(run)] == ["step_000003"]
+    assert train.main(["--resume", str(run)]) == 0
+    assert [c.name for c in train.checkpoints(run)] == ["step_000003", "step_000005"]
+
+
+def nan_gradient_at(steps, monkeypatch):
+    """Make the gradient NaN (the loss stays finite) at the given step indices (no grad-accum: one call a step)."""
+    real, n = train.UniDiff.losses, [0]
+    def losses(self, *a, **kw):
+        out = real(self, *a, **kw)
+        if n[0] in steps:
+            out["total"].register_hook(lambda g: torch.full_like(g, float("nan")))
+        n[0] += 1
+        return out
+    monkeypatch.setattr(train.UniDiff, "losses", losses)
+
+
+def test_nan_gradient_skips_the_step(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    nan_gradient_at({1}, monkeypatch)
+    assert train.main(TINY + ["--steps", "4", "--save-every", "4", "--ema", "0.9", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "loss" in out and "skipped 1 of 4 steps (non-finite gradient)" in out
+    ckpt = weights(tmp_path / "r" / "step_000004")
+    assert all(v.isfinite().all() for v in ckpt.values())  # live, EMA (model folders) and AdamW's moments
+    steps = {v.item() for k, v in ckpt.items() if k.endswith(".step")}
+    assert steps == {3.0}  # AdamW counted only the 3 real updates
+    init = weights(tmp_path / "r" / "init")
+    assert any(not torch.equal(ckpt[k], init[k]) for k in init if k.startswith("unet/"))  # the others trained
+
+
+def test_nan_gradient_every_step_stops_and_saves_no_nan(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    nan_gradient_at(set(range(100)), monkeypatch)
+    run = tmp_path / "r"
+    assert train.main(TINY + ["--steps", "12", "--save-every", "4", "--ema", "0.9", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"the gradient was not finite at each of the last {train.MAX_SKIPS} steps" in err
+    assert "step_000008" in err and "Traceback" not in err  # the last good checkpoint
+    assert [c.name for c in train.checkpoints(run)] == ["step_000004", "step_000008"]
+    for c in train.checkpoints(run):
+        assert all(v.isfinite().all() for v in weights(c).values())
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    real = train.lr_factor
+    monkeypatch.setattr(train, "lr_factor", lambda step, *a: float("nan") if step == 1 else real(step, *a))
+    # finite gradients, but a NaN learning rate at the last step writes NaN into the weights
+    assert train.main(TINY + ["--steps", "2", "--save-every", "2", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "the weights are not finite after step 2. Stopped without saving" in err and "Traceback" not in err
+    assert train.checkpoints(tmp_path / "r") == []
+
+
+def test_ema_warms_up_and_fills_the_checkpoint_model_folders(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    real, seen = train.UniDiff.losses, []
+    def losses(self, *a, **kw):  # once a step: the trained weights before its update
+        seen.append({n: p.detach().double().clone() for n, p in self.named_parameters() if p.requires_grad})
+        return real(self, *a, **kw)
+    monkeypatch.setattr(train.UniDiff, "losses", losses)
+    k, decay = 3, 0.9
+    assert train.main(TINY + ["--steps", str(k), "--save-every", str(k), "--ema", str(decay),
+                              "--out", str(tmp_path / "r")]) == 0
+    ckpt = tmp_path / "r" / f"step_{k:06d}"
+    live = read_safetensors(ckpt / "live.safetensors")
+    p = seen + [{n: v.double() for n, v in live.items()}]  # the weights after 0..k updates
+    d = [min(decay, (1 + t) / (10 + t)) for t in range(k)]  # the warm-up: 0.1, 0.18, 0.25 here
+    # EMA_k = Π d · p_0 + Σ_j (1 - d_{j-1}) Π_{i>=j} d_i · p_j
+    prod = lambda xs: math.prod(xs)
+    folders = {**{f"unet.{n}": v for n, v in read_safetensors(ckpt / "unet" / "diffusion_pytorch_model.safetensors").items()},
+               **{f"clip.{n}": v for n, v in read_safetensors(ckpt / "clip" / "model.safetensors").items()}}
+    for n in live:
+        closed = prod(d) * p[0][n] + sum((1 - d[j - 1]) * prod(d[j:]) * p[j][n] for j in range(1, k + 1))
+        assert rel_err(folders[n], closed) < 1e-5, n
+    assert any(rel_err(folders[n], live[n]) > 1e-3 for n in live)  # and the EMA is not the live weights
+
+
+def test_resume_from_a_checkpoint_folder_continues_in_its_run(tmp_path, capsys):
+    torch.manual_seed(0)
+    run = tmp_path / "r"
+    assert train.main(TINY + ["--steps", "2", "--save-every", "2", "--out", str(run)]) == 0
+    assert train.main(["--resume", str(run / "step_000002"), "--steps", "3"]) == 0
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_000002", "step_000003"]
+    assert not any((run / "step_000002").glob("step_*"))
+    # from an older checkpoint, the run would write over the later ones: refused
+    assert train.main(["--resume", str(run / "step_000002")]) == 2
+    assert "holds checkpoints after step_000002" in capsys.readouterr().err
+
+
+def test_latest_checkpoint_is_the_highest_step_number(tmp_path):
+    for name in ["step_000010", "step_999999", "step_1000000", "step_2000000"]:
+        (tmp_path / name).mkdir()
+        if name != "step_2000000":  # incomplete: no state.json
+            (tmp_path / name / "state.json").write_text("{}")
+    assert train.latest_checkpoint(tmp_path).name == "step_1000000"
