@@ -1,6 +1,7 @@
 """eval.py and sample.py end to end on a tiny run, and the metrics on inputs with known answers."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -43,11 +44,36 @@ def test_sample_writes_a_grid(run, tmp_path, capsys):
     assert "no checkpoint here" in capsys.readouterr().err
 
 
-def test_checkpoint_loads_with_its_ema_weights(run):
-    model, ckpt = train.load_model(run)
-    ema = train.read_safetensors(ckpt / "ema.safetensors")
-    params = dict(model.named_parameters())
-    assert ema and all(torch.equal(params[k], v) for k, v in ema.items())
+def test_weights_ema_or_live(run, tmp_path, monkeypatch, capsys):
+    ckpt = run / "step_000002"
+    live = train.read_safetensors(ckpt / "live.safetensors")
+    ema = train.read_safetensors(ckpt / "unet" / "diffusion_pytorch_model.safetensors")  # the model folders: EMA
+    assert any(not torch.equal(ema[k[5:]], v) for k, v in live.items() if k.startswith("unet."))
+    loaded = {}
+    def evaluate(model, judge, test_set, args):  # records the run's weights instead of measuring them
+        if model is not judge:
+            loaded[args.weights] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return dict.fromkeys((key for _, key, _ in ev.ROWS), 0.0)
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    for weights in (None, "ema", "live"):
+        assert ev.main(["--ckpt", str(run)] + (["--weights", weights] if weights else [])) == 0
+    assert "(ema weights)" in capsys.readouterr().err
+    assert all(torch.equal(loaded["live"][k], v) for k, v in live.items())
+    unet = {k[5:]: v for k, v in loaded["ema"].items() if k.startswith("unet.")}
+    assert unet.keys() == ema.keys() and all(torch.equal(unet[k], v) for k, v in ema.items())
+    assert all(torch.equal(loaded[None][k], v) for k, v in loaded["ema"].items())  # EMA by default
+
+    grids = {}
+    for weights in ("ema", "live"):
+        out = tmp_path / f"{weights}.png"
+        assert sample.main(["--ckpt", str(run), "--prompt", "a red dress", "--n", "2", "--steps", "2",
+                            "--weights", weights, "--out", str(out)]) == 0
+        grids[weights] = np.asarray(Image.open(out))
+    assert (grids["ema"] != grids["live"]).any()
+    # a run without --ema has no EMA to ask for: one clear line
+    shutil.copytree(ckpt, tmp_path / "no_ema", ignore=shutil.ignore_patterns("live.safetensors"))
+    assert sample.main(["--ckpt", str(tmp_path / "no_ema"), "--prompt", "x", "--weights", "ema"]) == 2
+    assert "has no EMA weights (its run trained without --ema): use --weights live" in capsys.readouterr().err
 
 
 def test_retrieval_counts_equal_captions_as_correct():
