@@ -7,9 +7,11 @@
 
 A run folder holds `run.json` (where the run started: eval.py's judge), `samples/` (a PNG grid
 per validation) and one folder per checkpoint, `step_000500/`, each complete on its own: the
-model in the public layouts (diffusers folder + `clip/` transformers folder, see UniDiff.save),
-`optimizer.safetensors`, `ema.safetensors` (with --ema) and `state.json` (step, data position,
-arguments). Nothing is pickled. A checkpoint is written to a hidden temp folder, then renamed.
+model in the public layouts (diffusers folder + `clip/` transformers folder, see UniDiff.save;
+with --ema they hold the EMA weights and `live.safetensors` the trained ones), `optimizer.safetensors`
+and `state.json` (step, data position, arguments). Nothing is pickled. A checkpoint is written to a
+hidden temp folder, then renamed. Ctrl-C or SIGTERM: the step under way finishes, is saved, and the
+run stops (all DDP ranks at the same step).
 
 `--batch-size` is the global batch of one optimizer step: it is split over the DDP ranks and
 the `--grad-accum` micro-steps, so one GPU and eight give the same run. The data order is a
