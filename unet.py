@@ -3,6 +3,7 @@
 Module attribute names equal diffusers' checkpoint keys (down_blocks.0.attentions.0.transformer_blocks.0.
 attn1.to_q.weight, ...), so `unet/diffusion_pytorch_model.safetensors` loads with a strict
 load_state_dict. The whole forward pass is UNet.forward: down levels push skips, up levels pop them.
+The modules need only torch and einops; the config and loaders at the end read files through weights.py.
 """
 import math
 from dataclasses import dataclass, fields, replace
@@ -10,87 +11,21 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
-from vae import Downsample, ResnetBlock, Upsample, maybe_ckpt
 from weights import WeightsError, find_weights, load_strict, read_config, read_safetensors
 
 
-@dataclass
-class UNetConfig:
-    in_channels: int = 4                         # latent channels in and out
-    out_channels: int = 4
-    block_out_channels: tuple = (320, 640, 1280, 1280)  # one entry per resolution level
-    cross_attn: tuple = (True, True, True, False)       # levels with text cross-attention (the rest: resnets only)
-    layers_per_block: int = 2                    # resnets per down level (up levels have one more)
-    num_heads: object = 8                        # int or one per level; diffusers' config calls it attention_head_dim
-    cross_attention_dim: int = 768               # width of the text encoder's hidden states
-    use_linear_projection: bool = False          # SD 2.x: Linear proj_in/out; SD 1.x: 1x1 convs
-    upcast_attention: bool = False               # SD 2.1: attention in fp32 when running in fp16
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5                       # the UNet's resnet GroupNorms use 1e-5 (the VAE's: 1e-6)
-    sample_size: int = 64                        # informational: latent size it was trained at
-
-    def heads(self):
-        n = len(self.block_out_channels)
-        return tuple(self.num_heads) if isinstance(self.num_heads, (list, tuple)) else (self.num_heads,) * n
-
-    def to_json(self):
-        """diffusers' UNet2DConditionModel config.json, so a saved folder opens with from_pretrained."""
-        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.cross_attn]
-        up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.cross_attn)]
-        heads = list(self.num_heads) if isinstance(self.num_heads, (list, tuple)) else self.num_heads
-        return {"_class_name": "UNet2DConditionModel", "in_channels": self.in_channels,
-                "out_channels": self.out_channels, "block_out_channels": list(self.block_out_channels),
-                "down_block_types": down, "up_block_types": up, "layers_per_block": self.layers_per_block,
-                "attention_head_dim": heads, "cross_attention_dim": self.cross_attention_dim,
-                "use_linear_projection": self.use_linear_projection, "upcast_attention": self.upcast_attention,
-                "norm_num_groups": self.norm_num_groups, "norm_eps": self.norm_eps,
-                "sample_size": self.sample_size, **FIXED}
-
-    @classmethod
-    def from_json(cls, d):
-        """Our config from diffusers' config.json; refuses the UNet variants this module does not build."""
-        bad = [f"{k}={d[k]!r}" for k, v in FIXED.items()
-               if k in d and d[k] != v and not (isinstance(d[k], list) and all(x == v for x in d[k]))]
-        down, up = d.get("down_block_types", []), d.get("up_block_types", [])
-        cross = [t == "CrossAttnDownBlock2D" for t in down]
-        if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down) or \
-                list(up) != ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cross)]:
-            bad.append(f"down_block_types={down!r}, up_block_types={up!r}")
-        if bad:
-            raise WeightsError(f"unsupported UNet2DConditionModel config: {', '.join(bad)}")
-        kw = {f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None}
-        kw["num_heads"] = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
-        if down:
-            kw["cross_attn"] = tuple(cross)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+def maybe_ckpt(on, fn, *args):
+    """fn(*args), recomputed in backward instead of stored when `on` (the same 3 lines as in vae.py and clip.py)."""
+    return checkpoint(fn, *args, use_reentrant=False) if on and torch.is_grad_enabled() else fn(*args)
 
 
-# diffusers config values that SD 1.x/2.x use and this module hard-codes (written out by to_json, checked on load).
-FIXED = {"act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
-         "mid_block_type": "UNetMidBlock2DCrossAttn", "mid_block_scale_factor": 1, "center_input_sample": False,
-         "transformer_layers_per_block": 1, "only_cross_attention": False, "dual_cross_attention": False,
-         "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "attention_type": "default",
-         "conv_in_kernel": 3, "conv_out_kernel": 3, "class_embed_type": None, "num_class_embeds": None,
-         "addition_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
-         "timestep_post_act": None, "time_embedding_dim": None, "cross_attention_norm": None,
-         "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "dropout": 0.0}
-
-PRESETS = {
-    "sd15": UNetConfig(),
-    "sd2": UNetConfig(num_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
-                      upcast_attention=True, sample_size=96),  # 64-dim heads: 320/5 = 640/10 = 1280/20
-    # CPU-sized. Groups of 4+ channels: with one channel per group, GroupNorm would cancel the
-    # per-channel timestep shift and the UNet could not see t.
-    "tiny": UNetConfig(block_out_channels=(32, 64), cross_attn=(True, False), layers_per_block=1,
-                       num_heads=2, cross_attention_dim=32, norm_num_groups=8, sample_size=32),
-}
-
-
-def timestep_embedding(t, dim, max_period=10000):
+def timestep_embedding(t, dim):
     """SD's sinusoidal embedding (B,) -> (B, dim): frequencies exp(-ln(1e4) i / half) (freq_shift=0), cos first."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]                  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], -1)  # cos half first: flip_sin_to_cos=True
 
@@ -102,6 +37,43 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, x):
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock(nn.Module):
+    """diffusers' ResnetBlock2D: GroupNorm-SiLU-conv twice, the time embedding added in between, plus the input."""
+
+    def __init__(self, cin, cout, temb_dim, groups, eps):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None  # match channels on the skip path
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)  # (B, C, h/2, w/2), rounded up
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x, size):
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))  # nearest to the skip's size (odd sizes too)
 
 
 class Attention(nn.Module):
@@ -117,12 +89,12 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None):
         ctx = x if context is None else context
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
-                   for t in (self.to_q(x), self.to_k(ctx), self.to_v(ctx)))
+        split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+        q, k, v = split(self.to_q(x)), split(self.to_k(ctx)), split(self.to_v(ctx))
         if self.upcast and q.dtype == torch.float16:  # SD 2.1's logits overflow fp16 (bf16 has fp32's range)
             q, k, v = q.float(), k.float(), v.float()
-        h = F.scaled_dot_product_attention(q, k, v).to(x.dtype)
-        return self.to_out[0](h.transpose(1, 2).flatten(2))    # (B, N, dim)
+        h = F.scaled_dot_product_attention(q, k, v).to(x.dtype)  # (B, heads, N, d)
+        return self.to_out[0](rearrange(h, "b h n d -> b n (h d)"))
 
 
 class GEGLU(nn.Module):
@@ -171,59 +143,66 @@ class Transformer(nn.Module):
         self.proj_out = nn.Linear(c, c) if self.linear else nn.Conv2d(c, c, 1)
 
     def forward(self, x, context):
-        B, C, H, W = x.shape
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C): a view under channels-last
+        h = rearrange(h, "b c h w -> b (h w) c")  # a view under channels-last
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = like(h.reshape(B, H, W, C).permute(0, 3, 1, 2), x)  # (B, C, H, W)
+        h = like(rearrange(h, "b (h w) c -> b c h w", h=x.shape[2]), x)
         if not self.linear:
             h = self.proj_out(h)
         return x + h
 
 
-class Blocks(nn.Module):
-    """A container for one level's lists (resnets, attentions, downsamplers/upsamplers); empty lists are left out."""
+class Level(nn.Module):
+    """One resolution level: resnets, a transformer after each (None: resnets only), then a downsampler
+    or upsampler (None where the level has none), each in a list as diffusers' keys are."""
 
-    def __init__(self, **lists):
+    def __init__(self, resnets, attentions=None, down=None, up=None):
         super().__init__()
-        for name, mods in lists.items():
-            if mods:
-                setattr(self, name, nn.ModuleList(mods))
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        self.downsamplers = nn.ModuleList([down]) if down else None
+        self.upsamplers = nn.ModuleList([up]) if up else None
 
 
 class UNet(nn.Module):
-    def __init__(self, cfg=PRESETS["sd15"]):
+    def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg
-        ch, heads, n, L = cfg.block_out_channels, cfg.heads(), len(cfg.block_out_channels), cfg.layers_per_block
-        g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, 4 * cfg.block_out_channels[0]
-
-        def res(cin, cout):
-            return ResnetBlock(cin, cout, g, eps, temb)
+        self.cfg = cfg  # a UNetConfig (below)
+        ch, n, L = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
+        heads = cfg.num_heads if isinstance(cfg.num_heads, tuple) else (cfg.num_heads,) * n
+        temb = 4 * ch[0]  # SD's time-embedding width
+        res = lambda cin, cout: ResnetBlock(cin, cout, temb, cfg.norm_num_groups, cfg.norm_eps)
+        attn = lambda i, k: [Transformer(ch[i], heads[i], cfg) for _ in range(k)] if cfg.cross_attn[i] else None
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
-        self.down_blocks = nn.ModuleList([Blocks(
-            resnets=[res(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i]) for j in range(L)],
-            attentions=[Transformer(ch[i], heads[i], cfg) for _ in range(L)] if cfg.cross_attn[i] else None,
-            downsamplers=[Downsample(ch[i], asymmetric=False)] if i < n - 1 else None) for i in range(n)])
-        self.mid_block = Blocks(resnets=[res(ch[-1], ch[-1]), res(ch[-1], ch[-1])],
-                                attentions=[Transformer(ch[-1], heads[-1], cfg)])
-        # Up level i mirrors down level n-1-i; resnet j takes the previous output concatenated with a popped skip.
-        rc, rh, ra = ch[::-1], heads[::-1], cfg.cross_attn[::-1]
-        skip_ch = lambda i, j: rc[min(i + 1, n - 1)] if j == L else rc[i]  # the last skip comes from the level below
-        self.up_blocks = nn.ModuleList([Blocks(
-            resnets=[res((rc[max(i - 1, 0)] if j == 0 else rc[i]) + skip_ch(i, j), rc[i]) for j in range(L + 1)],
-            attentions=[Transformer(rc[i], rh[i], cfg) for _ in range(L + 1)] if ra[i] else None,
-            upsamplers=[Upsample(rc[i])] if i < n - 1 else None) for i in range(n)])
-        self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=eps)
+        # As forward does: each down level pushes its outputs' channels, each up-level resnet pops one and
+        # takes the running channels plus the popped skip's.
+        c, skips, self.down_blocks = ch[0], [ch[0]], nn.ModuleList()
+        for i in range(n):
+            resnets = []
+            for _ in range(L):
+                resnets.append(res(c, ch[i]))
+                c = ch[i]
+                skips.append(c)
+            self.down_blocks.append(Level(resnets, attn(i, L), down=Downsample(c) if i < n - 1 else None))
+            skips += [c] if i < n - 1 else []  # the downsampler's output
+        self.mid_block = Level([res(c, c), res(c, c)], [Transformer(c, heads[-1], cfg)])
+        self.up_blocks = nn.ModuleList()
+        for i in reversed(range(n)):
+            resnets = []
+            for _ in range(L + 1):
+                resnets.append(res(c + skips.pop(), ch[i]))
+                c = ch[i]
+            self.up_blocks.append(Level(resnets, attn(i, L + 1), up=Upsample(c) if i > 0 else None))
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         self.grad_ckpt = False  # recompute each resnet/transformer in backward (saves activation memory)
 
@@ -235,31 +214,103 @@ class UNet(nn.Module):
 
         h = self.conv_in(x)
         skips = [h]
-        for block in self.down_blocks:
-            for i, resnet in enumerate(block.resnets):
+        for level in self.down_blocks:
+            for i, resnet in enumerate(level.resnets):
                 h = maybe_ckpt(ck, resnet, h, temb)
-                if hasattr(block, "attentions"):
-                    h = maybe_ckpt(ck, block.attentions[i], h, context)
+                if level.attentions is not None:
+                    h = maybe_ckpt(ck, level.attentions[i], h, context)
                 skips.append(h)
-            if hasattr(block, "downsamplers"):
-                h = block.downsamplers[0](h)  # (B, C, h/2, w/2), rounded up
+            if level.downsamplers is not None:
+                h = level.downsamplers[0](h)
                 skips.append(h)
         mid = self.mid_block
         h = maybe_ckpt(ck, mid.resnets[0], h, temb)
         h = maybe_ckpt(ck, mid.attentions[0], h, context)
         h = maybe_ckpt(ck, mid.resnets[1], h, temb)
-        for block in self.up_blocks:
-            for i, resnet in enumerate(block.resnets):
+        for level in self.up_blocks:
+            for i, resnet in enumerate(level.resnets):
                 h = maybe_ckpt(ck, resnet, torch.cat([h, skips.pop()], dim=1), temb)  # (B, C + C_skip, h, w)
-                if hasattr(block, "attentions"):
-                    h = maybe_ckpt(ck, block.attentions[i], h, context)
-            if hasattr(block, "upsamplers"):
-                h = block.upsamplers[0](h, size=skips[-1].shape[-2:])  # to the next skip's size (odd sizes too)
+                if level.attentions is not None:
+                    h = maybe_ckpt(ck, level.attentions[i], h, context)
+            if level.upsamplers is not None:
+                h = level.upsamplers[0](h, size=skips[-1].shape[-2:])
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
     @classmethod
     def from_state_dict(cls, sd, cfg=None, source="state dict"):
         return load_strict(cls(cfg or infer_config(sd)), sd, source)
+
+
+# -----------------------------------------------------------------------------
+# Config (diffusers' config.json both ways), presets, shape inference, loading
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4                         # latent channels in and out
+    out_channels: int = 4
+    block_out_channels: tuple = (320, 640, 1280, 1280)  # one entry per resolution level
+    cross_attn: tuple = (True, True, True, False)       # levels with text cross-attention (the rest: resnets only)
+    layers_per_block: int = 2                    # resnets per down level (up levels have one more)
+    num_heads: int | tuple = 8                   # or one per level; diffusers' config calls it attention_head_dim
+    cross_attention_dim: int = 768               # width of the text encoder's hidden states
+    use_linear_projection: bool = False          # SD 2.x: Linear proj_in/out; SD 1.x: 1x1 convs
+    upcast_attention: bool = False               # SD 2.1: attention in fp32 when running in fp16
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5                       # the UNet's resnet GroupNorms use 1e-5 (the VAE's: 1e-6)
+    sample_size: int = 64                        # unused here; in config.json diffusers' pipeline sizes images from it
+
+    def to_json(self):
+        """diffusers' UNet2DConditionModel config.json, so a saved folder opens with from_pretrained."""
+        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.cross_attn]
+        up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.cross_attn)]
+        heads = list(self.num_heads) if isinstance(self.num_heads, tuple) else self.num_heads
+        return {"_class_name": "UNet2DConditionModel", "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "block_out_channels": list(self.block_out_channels),
+                "down_block_types": down, "up_block_types": up, "layers_per_block": self.layers_per_block,
+                "attention_head_dim": heads, "cross_attention_dim": self.cross_attention_dim,
+                "use_linear_projection": self.use_linear_projection, "upcast_attention": self.upcast_attention,
+                "norm_num_groups": self.norm_num_groups, "norm_eps": self.norm_eps,
+                "sample_size": self.sample_size, **FIXED}
+
+    @classmethod
+    def from_json(cls, d):
+        """Our config from diffusers' config.json; refuses the UNet variants this module does not build."""
+        bad = [f"{k}={d[k]!r}" for k, v in FIXED.items()
+               if k in d and d[k] != v and not (isinstance(d[k], list) and all(x == v for x in d[k]))]
+        down, up = d.get("down_block_types", []), d.get("up_block_types", [])
+        cross = [t == "CrossAttnDownBlock2D" for t in down]
+        if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down) or \
+                list(up) != ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cross)]:
+            bad.append(f"down_block_types={down!r}, up_block_types={up!r}")
+        if bad:
+            raise WeightsError(f"unsupported UNet2DConditionModel config: {', '.join(bad)}")
+        kw = {f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None}
+        kw["num_heads"] = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+        if down:
+            kw["cross_attn"] = tuple(cross)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+
+
+# diffusers config values that SD 1.x/2.x use and this module hard-codes (written out by to_json, checked on load).
+FIXED = {"act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
+         "mid_block_type": "UNetMidBlock2DCrossAttn", "mid_block_scale_factor": 1, "center_input_sample": False,
+         "transformer_layers_per_block": 1, "only_cross_attention": False, "dual_cross_attention": False,
+         "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "attention_type": "default",
+         "conv_in_kernel": 3, "conv_out_kernel": 3, "class_embed_type": None, "num_class_embeds": None,
+         "addition_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
+         "timestep_post_act": None, "time_embedding_dim": None, "cross_attention_norm": None,
+         "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "dropout": 0.0}
+
+PRESETS = {
+    "sd15": UNetConfig(),
+    "sd2": UNetConfig(num_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+                      upcast_attention=True, sample_size=96),  # 64-dim heads: 320/5 = 640/10 = 1280/20
+    # CPU-sized. Groups of 4+ channels: with one channel per group, GroupNorm would cancel the
+    # per-channel timestep shift and the UNet could not see t.
+    "tiny": UNetConfig(block_out_channels=(32, 64), cross_attn=(True, False), layers_per_block=1,
+                       num_heads=2, cross_attention_dim=32, norm_num_groups=8, sample_size=32),
+}
 
 
 def infer_config(sd):

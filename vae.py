@@ -2,17 +2,178 @@
 
 Module attribute names equal diffusers' checkpoint keys (encoder.down_blocks.0.resnets.0.conv1.weight,
 encoder.mid_block.attentions.0.to_q.weight, ...), so `vae/diffusion_pytorch_model.safetensors`
-loads with a strict load_state_dict and no renaming. unet.py reuses ResnetBlock, Downsample,
-Upsample and `maybe_ckpt` from here.
+loads with a strict load_state_dict and no renaming. The modules need only torch and einops; the
+config and loaders at the end read files through weights.py.
 """
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from weights import WeightsError, find_weights, load_strict, read_config, read_safetensors
+
+EPS = 1e-6  # every GroupNorm of diffusers' AutoencoderKL (the UNet's resnets use 1e-5)
+
+
+def maybe_ckpt(on, fn, *args):
+    """fn(*args), recomputed in backward instead of stored when `on` (the same 3 lines as in unet.py and clip.py)."""
+    return checkpoint(fn, *args, use_reentrant=False) if on and torch.is_grad_enabled() else fn(*args)
+
+
+class ResnetBlock(nn.Module):
+    """diffusers' ResnetBlock2D without a time embedding: GroupNorm-SiLU-conv twice, plus the input."""
+
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=EPS)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=EPS)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None  # match channels on the skip path
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after padding right and bottom only: the VAE weights were trained with this padding."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H//2, W//2)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class SpatialAttention(nn.Module):
+    """Single-head self-attention over all pixels, with a residual (the VAE's mid-block attention)."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, c, eps=EPS)
+        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # diffusers keeps a dropout at to_out.1
+
+    def forward(self, x):
+        h = rearrange(self.group_norm(x), "b c h w -> b (h w) c")  # a view under channels-last
+        q, k, v = self.to_q(h)[:, None], self.to_k(h)[:, None], self.to_v(h)[:, None]  # (B, 1, HW, C)
+        h = self.to_out[0](F.scaled_dot_product_attention(q, k, v)[:, 0])  # (B, HW, C)
+        return x + rearrange(h, "b (h w) c -> b c h w", h=x.shape[2])
+
+
+class MidBlock(nn.Module):
+    def __init__(self, c, groups):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(c, c, groups), ResnetBlock(c, c, groups)])
+        self.attentions = nn.ModuleList([SpatialAttention(c, groups)])
+
+    def forward(self, x, ckpt):
+        x = maybe_ckpt(ckpt, self.resnets[0], x)
+        x = maybe_ckpt(ckpt, self.attentions[0], x)
+        return maybe_ckpt(ckpt, self.resnets[1], x)
+
+
+class Level(nn.Module):
+    """One resolution level: resnets, then a downsampler (encoder) or upsampler (decoder), None at the last level."""
+
+    def __init__(self, cin, cout, n, groups, down=False, up=False):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
+        self.downsamplers = nn.ModuleList([Downsample(cout)]) if down else None
+        self.upsamplers = nn.ModuleList([Upsample(cout)]) if up else None
+
+    def forward(self, x, ckpt):
+        for resnet in self.resnets:
+            x = maybe_ckpt(ckpt, resnet, x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, down=i < n - 1)
+                                          for i in range(n)])
+        self.mid_block = MidBlock(ch[-1], g)
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=EPS)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and logvar
+
+    def forward(self, x, ckpt=False):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x, ckpt)  # (B, C_i, H/2^i, W/2^i)
+        x = self.mid_block(x, ckpt)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 2*latent, H/8, W/8) for SD
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], g)
+        self.up_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, up=i < n - 1)
+                                        for i in range(n)])
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=EPS)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.in_channels, 3, padding=1)
+
+    def forward(self, z, ckpt=False):
+        x = self.mid_block(self.conv_in(z), ckpt)
+        for block in self.up_blocks:
+            x = block(x, ckpt)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 3, H, W)
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg  # a VAEConfig (below)
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        self.grad_ckpt = False  # recompute each resnet/attention in backward (saves activation memory)
+
+    def encode(self, x):
+        """x in [-1, 1], (B, 3, H, W) -> mean, logvar of the latent posterior, each (B, 4, H/8, W/8)."""
+        mean, logvar = self.quant_conv(self.encoder(x, self.grad_ckpt)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the same
+
+    def decode(self, z):
+        """Unscaled latents (B, 4, h, w) -> image (B, 3, 8h, 8w), roughly in [-1, 1] (not clamped)."""
+        return self.decoder(self.post_quant_conv(z), self.grad_ckpt)
+
+    @classmethod
+    def from_state_dict(cls, sd, cfg=None, source="state dict"):
+        sd = rename_old_keys(sd)
+        model = cls(cfg or infer_config(sd))
+        return load_strict(model, sd, source)
+
+
+# -----------------------------------------------------------------------------
+# Config (diffusers' config.json both ways), presets, shape inference, loading
 
 
 @dataclass
@@ -23,7 +184,7 @@ class VAEConfig:
     block_out_channels: tuple = (128, 256, 512, 512)  # one entry per resolution level
     layers_per_block: int = 2             # resnets per encoder level (the decoder has one more)
     norm_num_groups: int = 32
-    sample_size: int = 512                # informational (the image size it was trained at)
+    sample_size: int = 512                # unused here; kept in config.json, where diffusers sizes its tiles from it
     scaling_factor: float = 0.18215       # latents are multiplied by this before the UNet sees them
 
     def to_json(self):
@@ -58,177 +219,6 @@ PRESETS = {
     "sd": VAEConfig(),  # SD 1.x and 2.x share this autoencoder
     "tiny": VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),  # CPU-sized, 2x down
 }
-
-
-def maybe_ckpt(on, fn, *args):
-    """fn(*args), recomputed in backward instead of stored when `on` and gradients are recorded."""
-    if on and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
-class ResnetBlock(nn.Module):
-    """diffusers' ResnetBlock2D: two GroupNorm-SiLU-conv steps, a time embedding added in between (UNet only)."""
-
-    def __init__(self, cin, cout, groups, eps, temb_dim=None):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        if temb_dim is not None:
-            self.time_emb_proj = nn.Linear(temb_dim, cout)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        if cin != cout:
-            self.conv_shortcut = nn.Conv2d(cin, cout, 1)  # match channels on the skip path
-
-    def forward(self, x, temb=None):
-        h = self.conv1(F.silu(self.norm1(x)))
-        if temb is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x) + h
-
-
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv. The VAE pads (0,1,0,1) itself (asymmetric, as the original LDM did); the UNet pads 1."""
-
-    def __init__(self, c, asymmetric):
-        super().__init__()
-        self.asymmetric = asymmetric
-        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0 if asymmetric else 1)
-
-    def forward(self, x):
-        if self.asymmetric:
-            x = F.pad(x, (0, 1, 0, 1))  # right and bottom only: VAE weights were trained with this padding
-        return self.conv(x)  # (B, C, H/2, W/2)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 (or to `size`, for odd sizes in the UNet), then a 3x3 conv."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x, size=None):
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
-
-
-class SpatialAttention(nn.Module):
-    """Single-head self-attention over all pixels, with a residual (the VAE's mid-block attention)."""
-
-    def __init__(self, c, groups, eps):
-        super().__init__()
-        self.group_norm = nn.GroupNorm(groups, c, eps=eps)
-        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
-        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # diffusers keeps a dropout at to_out.1
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C); a view under channels-last
-        q, k, v = self.to_q(h)[:, None], self.to_k(h)[:, None], self.to_v(h)[:, None]  # (B, 1, HW, C)
-        h = self.to_out[0](F.scaled_dot_product_attention(q, k, v)[:, 0])  # (B, HW, C)
-        return x + h.transpose(1, 2).reshape(B, C, H, W)
-
-
-class MidBlock(nn.Module):
-    def __init__(self, c, groups):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(c, c, groups, 1e-6), ResnetBlock(c, c, groups, 1e-6)])
-        self.attentions = nn.ModuleList([SpatialAttention(c, groups, 1e-6)])
-
-    def forward(self, x, ckpt):
-        x = maybe_ckpt(ckpt, self.resnets[0], x)
-        x = maybe_ckpt(ckpt, self.attentions[0], x)
-        return maybe_ckpt(ckpt, self.resnets[1], x)
-
-
-class Level(nn.Module):
-    """One resolution level: `resnets`, then a `downsamplers` or `upsamplers` list (absent at the end)."""
-
-    def __init__(self, cin, cout, n, groups, down=None, up=None):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, groups, 1e-6) for i in range(n)])
-        if down:
-            self.downsamplers = nn.ModuleList([Downsample(cout, asymmetric=True)])
-        if up:
-            self.upsamplers = nn.ModuleList([Upsample(cout)])
-
-    def forward(self, x, ckpt):
-        for resnet in self.resnets:
-            x = maybe_ckpt(ckpt, resnet, x)
-        if hasattr(self, "downsamplers"):
-            x = self.downsamplers[0](x)
-        if hasattr(self, "upsamplers"):
-            x = self.upsamplers[0](x)
-        return x
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, down=i < n - 1)
-                                          for i in range(n)])
-        self.mid_block = MidBlock(ch[-1], g)
-        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)  # all VAE GroupNorms use eps 1e-6 (UNet: 1e-5)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and logvar
-
-    def forward(self, x, ckpt=False):
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x, ckpt)  # (B, C_i, H/2^i, W/2^i)
-        x = self.mid_block(x, ckpt)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 2*latent, H/8, W/8) for SD
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        ch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], g)
-        self.up_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, up=i < n - 1)
-                                        for i in range(n)])
-        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.in_channels, 3, padding=1)
-
-    def forward(self, z, ckpt=False):
-        x = self.mid_block(self.conv_in(z), ckpt)
-        for block in self.up_blocks:
-            x = block(x, ckpt)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 3, H, W)
-
-
-class VAE(nn.Module):
-    def __init__(self, cfg=PRESETS["sd"]):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
-        self.grad_ckpt = False  # recompute each resnet/attention in backward (saves activation memory)
-
-    def encode(self, x):
-        """x in [-1, 1], (B, 3, H, W) -> mean, logvar of the latent posterior, each (B, 4, H/8, W/8)."""
-        mean, logvar = self.quant_conv(self.encoder(x, self.grad_ckpt)).chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the same
-
-    def decode(self, z):
-        """Unscaled latents (B, 4, h, w) -> image (B, 3, 8h, 8w), roughly in [-1, 1] (not clamped)."""
-        return self.decoder(self.post_quant_conv(z), self.grad_ckpt)
-
-    @classmethod
-    def from_state_dict(cls, sd, cfg=None, source="state dict"):
-        sd = rename_old_keys(sd)
-        model = cls(cfg or infer_config(sd))
-        return load_strict(model, sd, source)
 
 
 def rename_old_keys(sd):
