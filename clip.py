@@ -4,6 +4,7 @@ Module names equal the keys of Hugging Face `transformers` (CLIPModel / CLIPText
 `openai/clip-vit-large-patch14/model.safetensors` and SD's `text_encoder/model.safetensors`
 load with strict=True and no renaming; `save` writes a folder transformers opens again.
 The text tower is shared: SD conditions on `text_hidden` (B, 77, W), ITC/RSC use `encode_text`.
+The modules need only torch and einops; the config and loader after them read files through weights.py.
 """
 import gzip
 import json
@@ -16,13 +17,191 @@ import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
 from weights import WeightsError, find_weights, load_strict, read_config, read_safetensors, save_safetensors
 
 # -----------------------------------------------------------------------------
-# Config. Field names and defaults are transformers' (CLIPTextConfig / CLIPVisionConfig /
+# Model
+
+
+def maybe_ckpt(on, fn, *args):
+    """fn(*args), recomputed in backward instead of stored when `on` (the same 3 lines as in unet.py and vae.py)."""
+    return checkpoint(fn, *args, use_reentrant=False) if on and torch.is_grad_enabled() else fn(*args)
+
+
+ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}  # OpenAI's, OpenCLIP's
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.heads = c.num_attention_heads
+        W = c.hidden_size
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(W, W) for _ in range(4))
+
+    def forward(self, x, causal):
+        split = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.heads)
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, heads, T, d)
+        return self.out_proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class MLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        if c.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {c.hidden_act!r} not supported (use one of {', '.join(ACTIVATIONS)})")
+        self.act = ACTIVATIONS[c.hidden_act]
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn = Attention(c)
+        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, causal):
+        x = x + self.self_attn(self.layer_norm1(x), causal)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+
+    def forward(self, x, causal, ckpt):
+        for layer in self.layers:
+            x = maybe_ckpt(ckpt, layer, x, causal)
+        return x
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.token_embedding = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.position_embedding = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+
+    def forward(self, ids):
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]  # (B, L, W)
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.embeddings = TextEmbeddings(c)
+        self.encoder = Encoder(c)
+        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, ids, ckpt):
+        return self.final_layer_norm(self.encoder(self.embeddings(ids), causal=True, ckpt=ckpt))  # (B, L, W)
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.image_size = c.image_size
+        self.class_embedding = nn.Parameter(torch.randn(c.hidden_size) * c.hidden_size**-0.5)
+        self.patch_embedding = nn.Conv2d(3, c.hidden_size, c.patch_size, stride=c.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2 + 1, c.hidden_size)
+
+    def forward(self, pixels):
+        if pixels.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"this CLIP vision tower takes {self.image_size}x{self.image_size} pixels, "
+                             f"got {tuple(pixels.shape[-2:])} (see clip.preprocess)")
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, W, grid, grid)
+        x = rearrange(x, "b c h w -> b (h w) c")  # (B, N, W): one token per patch, row by row
+        x = torch.cat([self.class_embedding.expand(len(x), 1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, W)
+        return x + self.position_embedding.weight
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(c)
+        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # [sic], the public key
+        self.encoder = Encoder(c)
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, pixels, ckpt):
+        x = self.encoder(self.pre_layrnorm(self.embeddings(pixels)), causal=False, ckpt=ckpt)
+        return self.post_layernorm(x[:, 0])  # (B, W): the class token
+
+
+# Keys of a CLIPTextModel file saved without the `text_model.` prefix (and legacy SD files).
+_TEXT_KEYS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg  # a CLIPConfig (below)
+        self.grad_ckpt = False  # recompute each transformer layer in backward (saves activation memory)
+        self.text_model = TextTransformer(cfg.text)
+        self.vision_model = VisionTransformer(cfg.vision) if cfg.vision else None
+        D = cfg.projection_dim
+        self.text_projection = nn.Linear(cfg.text.hidden_size, D, bias=False) if D else None
+        self.visual_projection = nn.Linear(cfg.vision.hidden_size, D, bias=False) if cfg.vision else None
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07))) if cfg.vision else None  # CLIP's init
+        # CLIP's small-normal init (PyTorch's default gives N(0, 1) embeddings); class_embedding keeps its own.
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def text_hidden(self, ids):
+        """(B, L) token ids -> (B, L, W) final-LN hidden states: SD's UNet context."""
+        return self.text_model(ids, ckpt=self.grad_ckpt)
+
+    def pool_text(self, hidden, ids):
+        """`text_hidden`'s output -> (B, D) projected embedding, so one text pass can serve IS and ITC."""
+        if self.text_projection is None:
+            raise ValueError("this CLIP is a text encoder only (CLIPTextModel layout, e.g. SD's text_encoder): "
+                             "it has no text_projection, so no encode_text. Load a full CLIP for ITC/RSC.")
+        # Pool at end-of-text: EOS (49407) is the largest id, so argmax finds its first occurrence
+        # (transformers' rule for the openai configs, eos_token_id=2, and equal to its first-EOS rule).
+        return self.text_projection(hidden[torch.arange(len(ids), device=ids.device), ids.argmax(-1)])
+
+    def encode_text(self, ids):
+        """(B, L) token ids -> (B, D), projected, not normalised."""
+        return self.pool_text(self.text_hidden(ids), ids)
+
+    def encode_image(self, pixels):
+        """(B, 3, H, W) CLIP-normalised pixels -> (B, D), projected, not normalised."""
+        if self.vision_model is None:
+            raise ValueError("this CLIP is a text encoder only: it has no vision tower. Load a full CLIP for images.")
+        return self.visual_projection(self.vision_model(pixels, ckpt=self.grad_ckpt))
+
+    @classmethod
+    def from_state_dict(cls, sd, cfg=None, source="state dict"):
+        """Build and strictly load; keys as transformers writes them, `text_model.` prefix optional."""
+        sd = {("text_model." + k if k.startswith(_TEXT_KEYS) else k): v
+              for k, v in sd.items() if not k.endswith("position_ids")}  # legacy buffers, not weights
+        with torch.device("meta"):  # no time spent initialising weights that are overwritten
+            model = cls(cfg or infer_config(sd))
+        return load_strict(model.to_empty(device="cpu"), sd, source)
+
+    def save(self, folder):
+        """`model.safetensors` + `config.json`: a folder transformers' CLIPModel/CLIPTextModel opens."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_safetensors(self.state_dict(), folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(self.cfg.to_json(), indent=2))
+
+
+# -----------------------------------------------------------------------------
+# Config, presets, shape inference, loading. Field names and defaults are transformers' (CLIPTextConfig / CLIPVisionConfig /
 # CLIPConfig), so a partial config.json means exactly what it means to transformers.
 
 
@@ -86,8 +265,6 @@ PRESETS = {
     "vit-l/14": CLIPConfig(TextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12),
                            VisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                         num_attention_heads=16, patch_size=14), projection_dim=768),
-    "vit-b/32": CLIPConfig(TextConfig(), VisionConfig(patch_size=32), projection_dim=512),
-    "vit-b/16": CLIPConfig(TextConfig(), VisionConfig(patch_size=16), projection_dim=512),
     # CPU-sized, for tests and the demo; the real vocabulary so Tokenizer ids work.
     "tiny": CLIPConfig(TextConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
                        VisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -122,176 +299,6 @@ def infer_config(sd):
     return CLIPConfig(text, vision, None if proj is None else proj.shape[0])
 
 
-# -----------------------------------------------------------------------------
-# Model
-
-ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}  # OpenAI's, OpenCLIP's
-
-
-class Attention(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.heads = c.num_attention_heads
-        W = c.hidden_size
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(W, W) for _ in range(4))
-
-    def forward(self, x, causal):
-        B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, heads, T, C // heads)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class MLP(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        if c.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {c.hidden_act!r} not supported (use one of {', '.join(ACTIVATIONS)})")
-        self.act = ACTIVATIONS[c.hidden_act]
-        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.self_attn = Attention(c)
-        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.mlp = MLP(c)
-
-    def forward(self, x, causal):
-        x = x + self.self_attn(self.layer_norm1(x), causal)
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class Encoder(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
-
-    def forward(self, x, causal, ckpt):
-        for layer in self.layers:
-            x = checkpoint(layer, x, causal, use_reentrant=False) if ckpt else layer(x, causal)
-        return x
-
-
-class TextEmbeddings(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.token_embedding = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.position_embedding = nn.Embedding(c.max_position_embeddings, c.hidden_size)
-
-    def forward(self, ids):
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]  # (B, L, W)
-
-
-class TextTransformer(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.embeddings = TextEmbeddings(c)
-        self.encoder = Encoder(c)
-        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-
-    def forward(self, ids, ckpt=False):
-        return self.final_layer_norm(self.encoder(self.embeddings(ids), causal=True, ckpt=ckpt))  # (B, L, W)
-
-
-class VisionEmbeddings(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.image_size = c.image_size
-        self.class_embedding = nn.Parameter(torch.randn(c.hidden_size) * c.hidden_size**-0.5)
-        self.patch_embedding = nn.Conv2d(3, c.hidden_size, c.patch_size, stride=c.patch_size, bias=False)
-        self.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2 + 1, c.hidden_size)
-
-    def forward(self, pixels):
-        if pixels.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"this CLIP vision tower takes {self.image_size}x{self.image_size} pixels, "
-                             f"got {tuple(pixels.shape[-2:])} (see clip.preprocess)")
-        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W)
-        x = torch.cat([self.class_embedding.expand(len(x), 1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, W)
-        return x + self.position_embedding.weight
-
-
-class VisionTransformer(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.embeddings = VisionEmbeddings(c)
-        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # [sic], the public key
-        self.encoder = Encoder(c)
-        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-
-    def forward(self, pixels, ckpt=False):
-        x = self.encoder(self.pre_layrnorm(self.embeddings(pixels)), causal=False, ckpt=ckpt)
-        return self.post_layernorm(x[:, 0])  # (B, W): the class token
-
-
-# Keys of a CLIPTextModel file saved without the `text_model.` prefix (and legacy SD files).
-_TEXT_KEYS = ("embeddings.", "encoder.", "final_layer_norm.")
-
-
-class CLIP(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.grad_ckpt = False
-        self.text_model = TextTransformer(cfg.text)
-        self.vision_model = VisionTransformer(cfg.vision) if cfg.vision else None
-        D = cfg.projection_dim
-        self.text_projection = nn.Linear(cfg.text.hidden_size, D, bias=False) if D else None
-        self.visual_projection = nn.Linear(cfg.vision.hidden_size, D, bias=False) if cfg.vision else None
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07))) if cfg.vision else None  # CLIP's init
-        # CLIP's small-normal init (PyTorch's default gives N(0, 1) embeddings); class_embedding keeps its own.
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
-                nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def text_hidden(self, ids):
-        """(B, L) token ids -> (B, L, W) final-LN hidden states: SD's UNet context."""
-        return self.text_model(ids, ckpt=self.grad_ckpt and self.training)
-
-    def pool_text(self, hidden, ids):
-        """`text_hidden`'s output -> (B, D) projected embedding, so one text pass can serve IS and ITC."""
-        if self.text_projection is None:
-            raise ValueError("this CLIP is a text encoder only (CLIPTextModel layout, e.g. SD's text_encoder): "
-                             "it has no text_projection, so no encode_text. Load a full CLIP for ITC/RSC.")
-        # Pool at end-of-text: EOS (49407) is the largest id, so argmax finds its first occurrence
-        # (transformers' rule for the openai configs, eos_token_id=2, and equal to its first-EOS rule).
-        return self.text_projection(hidden[torch.arange(len(ids), device=ids.device), ids.argmax(-1)])
-
-    def encode_text(self, ids):
-        """(B, L) token ids -> (B, D), projected, not normalised."""
-        return self.pool_text(self.text_hidden(ids), ids)
-
-    def encode_image(self, pixels):
-        """(B, 3, H, W) CLIP-normalised pixels -> (B, D), projected, not normalised."""
-        if self.vision_model is None:
-            raise ValueError("this CLIP is a text encoder only: it has no vision tower. Load a full CLIP for images.")
-        return self.visual_projection(self.vision_model(pixels, ckpt=self.grad_ckpt and self.training))
-
-    @classmethod
-    def from_state_dict(cls, sd, cfg=None, source="state dict"):
-        """Build and strictly load; keys as transformers writes them, `text_model.` prefix optional."""
-        sd = {("text_model." + k if k.startswith(_TEXT_KEYS) else k): v
-              for k, v in sd.items() if not k.endswith("position_ids")}  # legacy buffers, not weights
-        with torch.device("meta"):  # no time spent initialising weights that are overwritten
-            model = cls(cfg or infer_config(sd))
-        return load_strict(model.to_empty(device="cpu"), sd, source)
-
-    def save(self, folder):
-        """`model.safetensors` + `config.json`: a folder transformers' CLIPModel/CLIPTextModel opens."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_safetensors(self.state_dict(), folder / "model.safetensors", metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps(self.cfg.to_json(), indent=2))
-
-
 def load_clip(path):
     """A transformers CLIPModel or CLIPTextModel safetensors file, or the folder holding it."""
     file = find_weights(path, ["model.safetensors", "model.fp16.safetensors"])
@@ -305,6 +312,7 @@ def load_clip(path):
 
 BPE_FILE = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 BOS, EOS = 49406, 49407
+LENGTH = 77  # tokens per caption: the text tower's 77 positions
 # CLIP's pre-tokenisation: special tokens, contractions, letter runs, single digits, other runs.
 PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -317,9 +325,9 @@ def bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
-def clip_bpe(path=BPE_FILE):
+def clip_bpe():
     """(vocab, merges): 512 byte symbols (alone and with `</w>`), one token per merge, then BOS, EOS."""
-    merges = [tuple(line.split()) for line in gzip.open(path, "rt", encoding="utf-8").read().split("\n")[1:48895]]
+    merges = [tuple(line.split()) for line in gzip.open(BPE_FILE, "rt", encoding="utf-8").read().split("\n")[1:48895]]
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}, merges
@@ -328,8 +336,7 @@ def clip_bpe(path=BPE_FILE):
 class Tokenizer:
     """`tok(list_of_str) -> LongTensor (B, 77)`: BOS, tokens, EOS, padded with EOS, truncated keeping EOS."""
 
-    def __init__(self, length=77):
-        self.length = length
+    def __init__(self):
         self.vocab, self.merges = clip_bpe()
         tk = tokenizers.Tokenizer(tokenizers.models.BPE(self.vocab, self.merges, unk_token="<|endoftext|>",
                                                         continuing_subword_prefix="", end_of_word_suffix="</w>"))
@@ -347,11 +354,11 @@ class Tokenizer:
                                                     add_special_tokens=False)]
 
     def __call__(self, texts):
-        n = self.length - 2  # room for BOS and EOS
+        n = LENGTH - 2  # room for BOS and EOS
         return torch.tensor([[BOS] + t[:n] + [EOS] * (n + 1 - len(t[:n])) for t in self._tokens(texts)])
 
     def lengths(self, texts):
-        """Token counts with BOS and EOS, before truncation: over `length` (77) means truncated."""
+        """Token counts with BOS and EOS, before truncation: over LENGTH means truncated."""
         return [len(t) + 2 for t in self._tokens(texts)]
 
     def save(self, folder):
@@ -365,7 +372,7 @@ class Tokenizer:
                    "unk_token": "<|endoftext|>"}
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
         (folder / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.length, "do_lower_case": True,
+            {"tokenizer_class": "CLIPTokenizer", "model_max_length": LENGTH, "do_lower_case": True,
              "add_prefix_space": False, "errors": "replace", **special}, indent=2))
 
 

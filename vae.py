@@ -120,7 +120,7 @@ class Encoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=EPS)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and logvar
 
-    def forward(self, x, ckpt=False):
+    def forward(self, x, ckpt):
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x, ckpt)  # (B, C_i, H/2^i, W/2^i)
@@ -139,7 +139,7 @@ class Decoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=EPS)
         self.conv_out = nn.Conv2d(ch[-1], cfg.in_channels, 3, padding=1)
 
-    def forward(self, z, ckpt=False):
+    def forward(self, z, ckpt):
         x = self.mid_block(self.conv_in(z), ckpt)
         for block in self.up_blocks:
             x = block(x, ckpt)
