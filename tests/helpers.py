@@ -1,4 +1,7 @@
 """Small helpers shared by the tests."""
+import ast
+from pathlib import Path
+
 import torch
 
 
@@ -32,3 +35,12 @@ def ckpt_check(model, loss_fn, grad_fn):
         saved.append(n[0])
     assert rel_err(grads[1], grads[0]) <= 1e-6
     assert saved[1] < saved[0] / 2  # checkpointing really dropped the stored activations
+
+
+def repo_imports(name):
+    """The repository's own modules that `name`.py imports: what must come along when it is copied elsewhere."""
+    root = Path(__file__).parent.parent
+    tree = ast.parse((root / f"{name}.py").read_text())
+    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return {m.split(".")[0] for m in mods} & {p.stem for p in root.glob("*.py")}

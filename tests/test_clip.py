@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 import clip
-from helpers import rel_err
+from helpers import rel_err, repo_imports
 from weights import WeightsError
 
 TOL = 1e-5
@@ -219,3 +219,8 @@ def test_parity_vit_l14_full_size():
                     image=rel_err(ours.encode_image(x), features(ref.get_image_features(pixel_values=x))),
                     hidden=rel_err(ours.text_hidden(ids), ref.text_model(input_ids=ids).last_hidden_state))
     assert max(errs.values()) <= TOL, errs
+
+
+def test_copied_with_weights_py_only():
+    """clip.py builds and runs with torch and einops alone; only its loaders use weights.py."""
+    assert repo_imports("clip") == {"weights"}

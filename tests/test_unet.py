@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from helpers import ckpt_check, perturb, rel_err
+from helpers import ckpt_check, perturb, rel_err, repo_imports
 
 from unet import PRESETS, UNet, UNetConfig, load_unet
 from weights import WeightsError, read_safetensors, save_safetensors
@@ -114,3 +114,8 @@ def test_bf16_autocast_and_channels_last():
     out.float().square().mean().backward()
     assert out.dtype == torch.bfloat16 and rel_err(out, want) < 0.05
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_copied_with_weights_py_only():
+    """unet.py builds and runs with torch and einops alone; only its loaders use weights.py."""
+    assert repo_imports("unet") == {"weights"}

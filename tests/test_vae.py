@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from helpers import ckpt_check, perturb, rel_err
+from helpers import ckpt_check, perturb, rel_err, repo_imports
 
 from vae import PRESETS, VAE, VAEConfig, load_vae
 from weights import WeightsError, read_safetensors, save_safetensors
@@ -130,3 +130,8 @@ def test_bf16_autocast_and_channels_last():
     out.float().square().mean().backward()
     assert out.dtype == torch.bfloat16 and rel_err(out, want) < 0.05
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_copied_with_weights_py_only():
+    """vae.py builds and runs with torch and einops alone; only its loaders use weights.py."""
+    assert repo_imports("vae") == {"weights"}
