@@ -153,7 +153,7 @@ class Transformer(nn.Module):
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = like(rearrange(h, "b (h w) c -> b c h w", h=x.shape[2]), x)
+        h = like(rearrange(h, "b (h w) c -> b c h w", h=x.shape[2]), x)  # (B, C, H, W)
         if not self.linear:
             h = self.proj_out(h)
         return x + h
@@ -176,15 +176,15 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg  # a UNetConfig (below)
         ch, n, L = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
-        heads = cfg.num_heads if isinstance(cfg.num_heads, tuple) else (cfg.num_heads,) * n
+        heads = cfg.num_heads if isinstance(cfg.num_heads, (list, tuple)) else (cfg.num_heads,) * n
         temb = 4 * ch[0]  # SD's time-embedding width
         res = lambda cin, cout: ResnetBlock(cin, cout, temb, cfg.norm_num_groups, cfg.norm_eps)
         attn = lambda i, k: [Transformer(ch[i], heads[i], cfg) for _ in range(k)] if cfg.cross_attn[i] else None
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
-        # As forward does: each down level pushes its outputs' channels, each up-level resnet pops one and
-        # takes the running channels plus the popped skip's.
+        # Skip channels as forward pushes them (conv_in, each down resnet and downsampler) and pops them
+        # (each up resnet takes the running channels plus one popped skip's).
         c, skips, self.down_blocks = ch[0], [ch[0]], nn.ModuleList()
         for i in range(n):
             resnets = []
@@ -193,7 +193,8 @@ class UNet(nn.Module):
                 c = ch[i]
                 skips.append(c)
             self.down_blocks.append(Level(resnets, attn(i, L), down=Downsample(c) if i < n - 1 else None))
-            skips += [c] if i < n - 1 else []  # the downsampler's output
+            if i < n - 1:
+                skips.append(c)
         self.mid_block = Level([res(c, c), res(c, c)], [Transformer(c, heads[-1], cfg)])
         self.up_blocks = nn.ModuleList()
         for i in reversed(range(n)):
@@ -252,7 +253,7 @@ class UNetConfig:
     block_out_channels: tuple = (320, 640, 1280, 1280)  # one entry per resolution level
     cross_attn: tuple = (True, True, True, False)       # levels with text cross-attention (the rest: resnets only)
     layers_per_block: int = 2                    # resnets per down level (up levels have one more)
-    num_heads: int | tuple = 8                   # or one per level; diffusers' config calls it attention_head_dim
+    num_heads: object = 8                        # int or one per level; diffusers' config calls it attention_head_dim
     cross_attention_dim: int = 768               # width of the text encoder's hidden states
     use_linear_projection: bool = False          # SD 2.x: Linear proj_in/out; SD 1.x: 1x1 convs
     upcast_attention: bool = False               # SD 2.1: attention in fp32 when running in fp16
@@ -264,7 +265,7 @@ class UNetConfig:
         """diffusers' UNet2DConditionModel config.json, so a saved folder opens with from_pretrained."""
         down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.cross_attn]
         up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.cross_attn)]
-        heads = list(self.num_heads) if isinstance(self.num_heads, tuple) else self.num_heads
+        heads = list(self.num_heads) if isinstance(self.num_heads, (list, tuple)) else self.num_heads
         return {"_class_name": "UNet2DConditionModel", "in_channels": self.in_channels,
                 "out_channels": self.out_channels, "block_out_channels": list(self.block_out_channels),
                 "down_block_types": down, "up_block_types": up, "layers_per_block": self.layers_per_block,
