@@ -201,8 +201,8 @@ class CLIP(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Config, presets, shape inference, loading. Field names and defaults are transformers' (CLIPTextConfig / CLIPVisionConfig /
-# CLIPConfig), so a partial config.json means exactly what it means to transformers.
+# Config, presets, shape inference, loading. Field names and defaults are transformers' (CLIPTextConfig /
+# CLIPVisionConfig / CLIPConfig), so a partial config.json means exactly what it means to transformers.
 
 
 @dataclass
