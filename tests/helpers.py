@@ -1,8 +1,11 @@
 """Small helpers shared by the tests."""
 import ast
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 
 def rel_err(ours, ref):
@@ -44,3 +47,37 @@ def repo_imports(name):
     mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     return {m.split(".")[0] for m in mods} & {p.stem for p in root.glob("*.py")}
+
+
+@contextmanager
+def recording(folder):
+    """While inside, train.py writes to folder/rank<r>.safetensors each micro-step's losses (`losses`, (n, 4):
+    itc, is_, rsc, total) and the gradients of its first optimizer step (`grad.<name>`) as the optimizer gets
+    them: summed over micro-steps, averaged over ranks, clipped, before any optimizer normalises them."""
+    import train  # the patched names: the UniDiff class train uses, and every optimizer's step
+    from weights import save_safetensors
+    real, rows, grads, names = train.UniDiff.losses, [], {}, {}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+
+    def losses(self, *a, **kw):
+        out = real(self, *a, **kw)
+        names.update((p, n) for n, p in self.named_parameters())
+        rows.append(torch.stack([out[k].detach().float() for k in ("itc", "is_", "rsc", "total")]))
+        return out
+
+    def before_step(opt, *_):
+        if not names:  # an optimizer before the first training step (the tiny VAE's fit)
+            return
+        if not grads:
+            grads.update({f"grad.{names[p]}": p.grad.clone() for g in opt.param_groups for p in g["params"]
+                          if p.grad is not None})
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        save_safetensors({"losses": torch.stack(rows), **grads}, Path(folder) / f"rank{rank}.safetensors")
+
+    train.UniDiff.losses = losses
+    hook = register_optimizer_step_pre_hook(before_step)
+    try:
+        yield
+    finally:
+        train.UniDiff.losses = real
+        hook.remove()
