@@ -1,11 +1,24 @@
-"""The three UniDiff losses (SPEC §2): ITC, IS and RSC. Pure functions of tensors.
+"""The three UniDiff losses: ITC, IS and RSC (the README writes out their math). Pure functions of
+tensors, and how ITC and RSC see a batch larger than one micro-batch on one rank.
 
-Under DDP (torch.distributed initialised, world > 1) ITC and RSC see the *global* batch:
-embeddings are gathered from every rank by `gather`, whose backward *sums* each gathered
-slice's gradient over ranks back to the rank that owns it. Every rank then computes
-the same global loss, so its local rows get world × their share of the gradient, and DDP's
-gradient averaging (÷ world) gives exactly the single-process gradient on the global batch.
+DDP (torch.distributed initialised, world > 1): `gather` collects the embeddings of every rank; its
+backward *sums* each gathered slice's gradient over ranks back to the rank that owns it. Every rank
+computes the same global ITC, so its local rows get world × their share of the gradient, and DDP's
+gradient averaging (÷ world) gives exactly the single-process gradient on the global batch. RSC's
+rows stay on their rank, against all the gathered captions: each rank returns its part (rsc_loss's n).
+
+Gradient accumulation (K micro-steps per optimizer step, whose losses the loop averages): gradient
+caching. A no-grad pass first embeds all the step's micro-batches (UniDiff.contrastive_cache); each
+micro-step recomputes its own rows with gradient and puts them in their place among the cached ones
+(`step_rows`). ITC is then the whole step's loss in every micro-step, and the gradient reaching the
+live rows is their part of its gradient: `grad_times` multiplies that by K against the loop's 1/K
+(not logit_scale's, which is whole in every micro-step). RSC's rows are each micro-step's own, against
+all the step's captions: again a part. Its one inexact term: a caption's gradient from the RSC rows of
+*other* micro-steps is left out (it needs their generated images, a no-grad UNet + decode + CLIP pass
+that costs a quarter more step time); every other gradient, and every loss value, is the whole step's.
 """
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,19 +49,36 @@ def gather(x):
     return x if world_size() == 1 else _Gather.apply(x)
 
 
+def step_rows(x, cache=None, k=0):
+    """This rank's rows x (b, D) -> the rows ITC and RSC contrast: gathered over ranks (W·b, D), and with a
+    cache (the step's K micro-batches' rows without gradient, K × (W·b, D)) put in place k among them (K·W·b, D)."""
+    x = gather(x)
+    return x if cache is None else torch.cat([*cache[:k], x, *cache[k + 1:]])
+
+
+def grad_times(x, k):
+    """x, whose gradient is multiplied by k; its value stays x exactly (x - x.detach() is exactly 0)."""
+    return x if k == 1 else x.detach() + k * (x - x.detach())
+
+
+def logits(a, b, logit_scale):
+    """s · n(a) n(b)ᵀ in fp32 even under autocast: at s = 100 a bf16 logit is rounded by up to ±0.4."""
+    dev = a.device.type  # (the meta device has no autocast to switch off)
+    with torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else nullcontext():
+        return logit_scale.exp().clamp(max=100) * F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
 def itc_loss(img_emb, txt_emb, logit_scale):
-    """Image–text contrastive loss, CLIP's symmetric InfoNCE over the (global) batch.
+    """Image–text contrastive loss, CLIP's symmetric InfoNCE over the batch: img_emb, txt_emb (B, D), pair i
+    in row i (under DDP or accumulation, the whole batch: see step_rows).
 
         v = n(img_emb), u = n(txt_emb), s = min(exp(logit_scale), 100)
         L = s · v uᵀ                                  (B, B), row i: image i vs every caption
         ITC = ½ [CE(L, arange(B)) + CE(Lᵀ, arange(B))]
-
-    Every rank computes this same global loss, so the labels are arange of the global batch.
     """
-    v, u = F.normalize(gather(img_emb), dim=-1), F.normalize(gather(txt_emb), dim=-1)
-    logits = logit_scale.exp().clamp(max=100) * v @ u.T  # (B, B)
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    L = logits(img_emb, txt_emb, logit_scale)  # (B, B), fp32
+    labels = torch.arange(len(L), device=L.device)
+    return (F.cross_entropy(L, labels) + F.cross_entropy(L.T, labels)) / 2
 
 
 def snr(alphas_cumprod, t):
@@ -80,26 +110,23 @@ def is_loss(pred, target, snr=None, gamma=None, v_prediction=False):
     return (w * per_sample).mean()
 
 
-def rsc_loss(real_emb, gen_emb, txt_emb, logit_scale):
-    """Reciprocal semantic consistency over the R selected rows (the samples with t < t_max).
+def rsc_loss(real_emb, gen_emb, txt_emb, logit_scale, n=None):
+    """Reciprocal semantic consistency over R rows (the samples with t < t_max) against all the captions.
 
         v = n(real_emb) (R, D), v̂ = n(gen_emb) (R, D), u = n(txt_emb) (B, D): all captions
         P = softmax(s · v uᵀ), P̂ = softmax(s · v̂ uᵀ)   (R, B), rows sum to 1
-        RSC = mean_rows [ ½ KL(sg(P) ‖ P̂) + ½ KL(sg(P̂) ‖ P) ],  KL(p‖q) = Σ_j p_j (log p_j − log q_j)
+        RSC = 1/n Σ_rows [ ½ KL(sg(P) ‖ P̂) + ½ KL(sg(P̂) ‖ P) ],  KL(p‖q) = Σ_j p_j (log p_j − log q_j)
 
     sg = stop-gradient: the first term trains the generated image (and the captions) towards
     CLIP's reading of the real one, the second the real image (and the captions) towards the
-    generated one. Under DDP the captions are the global batch and each rank returns
-    world/R_global × its rows' sum, so DDP's averaging gives the mean over all selected rows.
-    R may be 0 on a rank (still call it: the gathers are collective); then the loss is 0.
+    generated one. n defaults to R: the mean over the rows. A part of a larger batch (one rank's,
+    one micro-step's rows) passes the whole batch's row count divided by the number of parts, so
+    that the mean of the parts' losses, and of their gradients, is the whole batch's mean over rows.
+    R may be 0 (then the loss is 0, still a tensor in the graph).
     """
-    u = F.normalize(gather(txt_emb), dim=-1)
-    s = logit_scale.exp().clamp(max=100)
-    logp = F.log_softmax(s * F.normalize(real_emb, dim=-1) @ u.T, dim=-1)  # (R, B)
-    logq = F.log_softmax(s * F.normalize(gen_emb, dim=-1) @ u.T, dim=-1)   # (R, B)
+    txt_emb = txt_emb.float()  # once: the two terms' gradients into it nearly cancel, so they add up in fp32
+    logp = F.log_softmax(logits(real_emb, txt_emb, logit_scale), dim=-1)  # (R, B), fp32
+    logq = F.log_softmax(logits(gen_emb, txt_emb, logit_scale), dim=-1)   # (R, B)
     p, q = logp.exp(), logq.exp()
     kl = (p.detach() * (logp.detach() - logq)).sum(-1) + (q.detach() * (logq.detach() - logp)).sum(-1)
-    n_rows = kl.new_full((), float(len(kl)))  # a fill kernel, not a host-to-device copy
-    if world_size() > 1:
-        dist.all_reduce(n_rows)
-    return 0.5 * kl.sum() * world_size() / n_rows.clamp(min=1)
+    return 0.5 * kl.sum() / (n or len(kl) or 1)

@@ -102,7 +102,9 @@ def parse_args(argv=None):
     add("--lr-unet", "peak learning rate of the UNet ({default})", type=float)
     add("--lr-clip", "peak learning rate of CLIP, both towers ({default})", type=float)
     add("--train", "the parts that train, comma-separated from unet,text,vision ({default})")
-    add("--grad-accum", "micro-steps per optimizer step ({default}): less memory, same global batch", type=int)
+    add("--grad-accum", "micro-steps per optimizer step ({default}): less memory, the same global batch; ITC and RSC\n"
+        "still contrast all of it (gradient caching: one more no-grad CLIP forward per step). Left out: RSC's\n"
+        "gradient into a caption from the other micro-steps' RSC rows (README: Gradient accumulation)", type=int)
     add("--grad-ckpt", "gradient checkpointing: recompute activations in backward (less memory, ~30%% slower)",
         action="store_const", const=True)
     add("--ema", "EMA decay of the trained weights, e.g. 0.9999 ({default}: no EMA)", type=float)
@@ -482,22 +484,29 @@ def train(args):
         sums = torch.zeros(4, device=device)  # itc, is, rsc, total summed over the steps since the last line
         skips = torch.zeros(2, device=device)  # steps skipped since the last line, and in a row until now
         n_sum, t_line, t_run, steps_run = 0, time.time(), 0.0, 0
-        gen = torch.Generator()  # on the host: see UniDiff.losses
         while step < args.steps:
             factor = lr_factor(step, args.warmup, args.steps)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
+            micro_batches = []  # all of the step's first: gradient caching embeds them before the micro-steps
             for a in range(args.grad_accum):
                 pixels, captions = next(batches)
                 pixels = pixels.to(device, non_blocking=True)
                 if cuda:
                     pixels = pixels.contiguous(memory_format=torch.channels_last)
-                ids = tokenizer(captions).to(device, non_blocking=True)
-                gen.manual_seed(step_seed(args.seed, step, a))
+                micro_batches.append((pixels, tokenizer(captions).to(device, non_blocking=True)))
+            gens = [torch.Generator().manual_seed(step_seed(args.seed, step, a))  # on the host: see UniDiff.losses
+                    for a in range(args.grad_accum)]
+            cache = None  # ITC and RSC contrast the whole step's batch, not a micro-batch: see losses.py
+            if args.grad_accum > 1 and (args.lambda_itc or args.lambda_rsc):
+                with amp:
+                    cache = model.contrastive_cache(micro_batches, gens, args.lambda_itc, args.lambda_rsc,
+                                                    args.rsc_t_max)
+            for a, (pixels, ids) in enumerate(micro_batches):
                 sync = nullcontext() if not ddp or a == args.grad_accum - 1 else net.no_sync()
                 with sync:
                     with amp:
-                        out = net(pixels, ids, generator=gen, **losses_kw)
+                        out = net(pixels, ids, generator=gens[a], cache=cache, micro_step=a, **losses_kw)
                     (out["total"] / args.grad_accum).backward()
                 sums += torch.stack([out[k].detach().float() for k in ("itc", "is_", "rsc", "total")]) / args.grad_accum
             # A non-finite gradient (the loss can still be finite) skips the step: AdamW's found_inf leaves

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip import CLIP, MEAN, STD, PRESETS as CLIP_PRESETS, CLIPConfig, Tokenizer, load_clip
-from losses import is_loss, itc_loss, rsc_loss, snr, v_target, world_size
+from losses import gather, grad_times, is_loss, itc_loss, rsc_loss, snr, step_rows, v_target, world_size
 from unet import PRESETS as UNET_PRESETS, UNet, load_unet
 from vae import PRESETS as VAE_PRESETS, VAE, load_vae
 from single_file import from_single_file, to_single_file
@@ -111,20 +111,26 @@ class UniDiff(nn.Module):
                 m.compile(**kwargs)
 
     def losses(self, pixels, ids, lambda_itc=1.0, lambda_is=1.0, lambda_rsc=0.1, t_max=500, p_uncond=0.1,
-               snr_gamma=None, generator=None):
+               snr_gamma=None, generator=None, cache=None, micro_step=0):
         """pixels (B, 3, H, W) in [-1, 1] at the training resolution, ids (B, 77) -> dict(itc, is_, rsc, total).
 
         A loss whose λ is 0 is not computed (its entry is 0). `generator`, a CPU torch.Generator, fixes the
         randomness: t and the caption dropout are drawn from it on the host, so choosing RSC's rows reads
         nothing back from the GPU; ε and the VAE sample come from a device generator seeded from it.
+
+        Gradient accumulation: `cache` is the step's `contrastive_cache` (made with the micro-steps' generators)
+        and this is its micro-step `micro_step`; ITC and RSC then contrast against the whole step's batch.
+        Under DDP and accumulation each entry is this rank's and micro-step's part: the mean over the parts of
+        the entries, and of their gradients, is the whole step's (RSC's gradient but for the term losses.py names).
         """
         B, dev = len(pixels), pixels.device
         # Under DDP every rank draws the randomness of the whole global batch and keeps its own rows,
         # so a run on N ranks equals one process with the same global batch (given equal generators).
         W, r = world_size(), dist.get_rank() if world_size() > 1 else 0
+        K = 1 if cache is None else len(cache["txt"])
         mine = slice(r * B, (r + 1) * B)
         dev_gen = None if generator is None else \
-            torch.Generator(dev).manual_seed(int(torch.randint(2**62, (), generator=generator)))
+            torch.Generator(dev).manual_seed(int(torch.randint(2**62, (), generator=generator)))  # 1st draw, t 2nd
         randn = lambda shape: torch.randn((W * B, *shape), generator=dev_gen, device=dev)[mine]
         to_dev = lambda x: x.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else x.to(dev)
         zero = pixels.new_zeros(())
@@ -135,13 +141,17 @@ class UniDiff(nn.Module):
         hidden, empty = hidden[:B], hidden[B:]
         if lambda_itc or lambda_rsc:
             txt_emb = self.clip.pool_text(hidden, ids)  # (B, D)
+            txt_all = step_rows(txt_emb, None if cache is None else cache["txt"], micro_step)  # (K·W·B, D)
             real = self.clip_pixels(pixels)  # (B, 3, res, res)
             res = real.shape[-1]
         if lambda_itc:
             img_emb = self.clip.encode_image(real)
-            out["itc"] = itc_loss(img_emb, txt_emb, self.clip.logit_scale)
+            img_all = step_rows(img_emb, None if cache is None else cache["img"], micro_step)  # (K·W·B, D)
+            # the whole step's ITC in every micro-step, this micro-step's rows' part of its gradient (× K: losses.py)
+            out["itc"] = itc_loss(grad_times(img_all, K), grad_times(txt_all, K), self.clip.logit_scale)
         if diffuse:
-            t_host = torch.randint(0, len(self.alphas_cumprod), (W * B,), generator=generator)[mine]
+            t_all = torch.randint(0, len(self.alphas_cumprod), (W * B,), generator=generator)
+            t_host = t_all[mine]
             drop = to_dev(torch.rand(W * B, generator=generator)[mine] < p_uncond)  # caption -> "" for CFG
             t = to_dev(t_host)
             with torch.no_grad():  # frozen VAE: the latents are data
@@ -165,11 +175,35 @@ class UniDiff(nn.Module):
                 x_hat = self.vae.decode(z0_hat / self.vae.cfg.scaling_factor)  # (R, 3, res, res), grad flows to UNet
                 gen_emb = self.clip.encode_image(clip_normalise((x_hat + 1) / 2))
                 real_emb = img_emb[sel] if lambda_itc else self.clip.encode_image(real[sel])
-            else:  # still called: under DDP its gathers are collective
+            else:  # a zero still in the graph
                 real_emb = gen_emb = txt_emb.new_zeros(0, txt_emb.shape[1])
-            out["rsc"] = rsc_loss(real_emb, gen_emb, txt_emb, self.clip.logit_scale)
+            # this rank's and micro-step's rows, one of W·K parts of the step's RSC rows
+            n_rows = int((t_all < t_max).sum()) if cache is None else cache["rsc_rows"]  # host tensors: no sync
+            out["rsc"] = rsc_loss(real_emb, gen_emb, txt_all, self.clip.logit_scale, n=max(n_rows, 1) / (W * K))
         out["total"] = lambda_itc * out["itc"] + lambda_is * out["is_"] + lambda_rsc * out["rsc"]
         return out
+
+    @torch.no_grad()
+    def contrastive_cache(self, micro_batches, generators, lambda_itc=1.0, lambda_rsc=0.1, t_max=500):
+        """Gradient caching for gradient accumulation: the CLIP embeddings of a step's K micro-batches, computed
+        without gradient before its micro-steps, so that each micro-step's ITC and RSC contrast against the whole
+        step (`losses(..., cache=, micro_step=)`; see losses.py). One more CLIP forward of the batch: both towers,
+        the text tower alone when λ_itc = 0.
+
+        micro_batches: this rank's K (pixels, ids); generators: the K micro-steps' `losses` generators (copies
+        redraw their timesteps, to count RSC's rows in the step).
+        -> dict(img=K × (W·b, D) (empty when λ_itc = 0), txt=K × (W·b, D), rsc_rows=over all ranks)."""
+        img, txt, rsc_rows = [], [], 0
+        for (pixels, ids), g in zip(micro_batches, generators):
+            txt.append(gather(self.clip.encode_text(ids)))
+            if lambda_itc:
+                img.append(gather(self.clip.encode_image(self.clip_pixels(pixels))))
+            if lambda_rsc:
+                g = torch.Generator().set_state(g.get_state())
+                torch.randint(2**62, (), generator=g)  # as `losses` draws: the device generator's seed, then t
+                t = torch.randint(0, len(self.alphas_cumprod), (world_size() * len(ids),), generator=g)
+                rsc_rows += int((t < t_max).sum())
+        return dict(img=img, txt=txt, rsc_rows=rsc_rows)
 
     @torch.no_grad()
     def generate(self, prompts, steps=50, guidance=7.5, seed=0, height=512, width=512, eta=0.0):

@@ -49,6 +49,16 @@ def repo_imports(name):
     return {m.split(".")[0] for m in mods} & {p.stem for p in root.glob("*.py")}
 
 
+def assert_same_grads(ours, ref, rtol=1e-5):
+    """Equal gradients {name: tensor}: each to rtol of its own largest entry, or to 1e-7 of the largest of all
+    (a tensor whose exact gradient is 0, as attention's key biases have, holds rounding noise only)."""
+    assert ours.keys() == ref.keys() and ref
+    scale = max(g.abs().max() for g in ref.values())
+    bad = {k: f"{(ours[k] - ref[k]).abs().max():.2e} of {ref[k].abs().max():.2e}" for k in ref
+           if (ours[k] - ref[k]).abs().max() > rtol * ref[k].abs().max() + 1e-7 * scale}
+    assert not bad, bad
+
+
 @contextmanager
 def recording(folder):
     """While inside, train.py writes to folder/rank<r>.safetensors each micro-step's losses (`losses`, (n, 4):

@@ -1,12 +1,16 @@
-"""Each loss against a naive formula written out with loops; stop-gradients; DDP == one process."""
+"""Each loss against a naive formula written out with loops; stop-gradients; fp32 logits under autocast;
+DDP and gradient accumulation == one batch."""
 import math
 import socket
 
+from contextlib import nullcontext
+
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers import rel_err
-from losses import is_loss, itc_loss, rsc_loss, snr, v_target
+from losses import gather, grad_times, is_loss, itc_loss, rsc_loss, snr, step_rows, v_target, world_size
 
 
 def naive_norm(x):
@@ -105,46 +109,87 @@ def test_rsc_equals_naive_formula_and_stop_gradients():
     assert z.item() == 0 and z.requires_grad
 
 
-# ---- DDP: 2 gloo processes == one process with the global batch ---------------------------------
+def test_logits_in_fp32_under_bf16_autocast():
+    """Under autocast CLIP's projections return bf16, and at s = 100 a bf16 logit is off by up to ±0.4 (bf16
+    logits put RSC 18 % off here). The same bf16 values in, the fp32 losses out."""
+    torch.manual_seed(0)
+    img, txt = torch.randn(8, 16).bfloat16().float(), torch.randn(8, 16).bfloat16().float()
+    gen = (img + 0.1 * torch.randn(8, 16)).bfloat16().float()  # near the real image: RSC near its optimum
+    ls = torch.tensor(math.log(100.0))
+    ref, ours = ([x.clone().requires_grad_() for x in (img, gen, txt)] for _ in range(2))
+    ref_itc, ref_rsc = itc_loss(ref[0], ref[2], ls), rsc_loss(*ref, ls)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf = [x.bfloat16() for x in ours]
+        itc, rsc = itc_loss(bf[0], bf[2], ls), rsc_loss(*bf, ls)
+    assert itc.dtype == rsc.dtype == torch.float32
+    assert rel_err(itc, ref_itc) < 1e-6 and rel_err(rsc, ref_rsc) < 1e-6
+    rsc.backward(), ref_rsc.backward()
+    for a, b in zip(ours, ref):  # the gradients only pass the bf16 cast back to the embeddings: 2⁻⁹ each
+        assert rel_err(a.grad, b.grad) < 1e-2
+
+
+# ---- DDP and gradient accumulation: the parts of a batch == the batch ----------------------------
 
 class Towers(torch.nn.Module):
+    """A linear image and text tower; ITC and RSC glued as UniDiff.losses glues them."""
+
     def __init__(self):
         super().__init__()
         self.img, self.txt = torch.nn.Linear(6, 4), torch.nn.Linear(5, 4)
         self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
 
-    def forward(self, x, xg, c, sel):  # through DDP's forward, so DDP averages the gradients
-        img, txt = self.img(x), self.txt(c)
-        itc = itc_loss(img, txt, self.logit_scale)
-        rsc = rsc_loss(img[sel], self.img(xg)[sel], txt, self.logit_scale)
+    def forward(self, x, xg, c, sel, n_rows, cache=None, k=0):  # through DDP's forward, so DDP averages the gradients
+        K = 1 if cache is None else len(cache["txt"])
+        img, txt = self.img(x), step_rows(self.txt(c), cache and cache["txt"], k)
+        itc = itc_loss(grad_times(step_rows(img, cache and cache["img"], k), K), grad_times(txt, K), self.logit_scale)
+        rsc = rsc_loss(img[sel], self.img(xg)[sel], txt, self.logit_scale, n=n_rows / (world_size() * K))
         return itc, rsc
+
+    @torch.no_grad()
+    def cache(self, xs, cs):  # UniDiff.contrastive_cache
+        return dict(img=[gather(self.img(x)) for x in xs], txt=[gather(self.txt(c)) for c in cs])
 
 
 def global_batch():
     g = torch.Generator().manual_seed(1)
-    # 8 samples; RSC rows: ranks select unequal numbers (rank 0: 3 of 4, rank 1: 1 of 4)
+    # 8 samples; RSC rows unequal over ranks and micro-steps (e.g. 2 ranks: 3 of 4 and 1 of 4)
     return torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g), \
         torch.tensor([1, 1, 0, 1, 0, 0, 1, 0], dtype=torch.bool)
 
 
+def parts(model, K):
+    """ITC and RSC of global_batch() as this rank's K micro-steps, the gradient accumulated over them (mean), as
+    train.py does -> {name: (loss, {param: grad})}, the loss the mean over micro-steps and ranks."""
+    W, r = world_size(), dist.get_rank() if world_size() > 1 else 0
+    batch = global_batch()
+    b = len(batch[0]) // (W * K)
+    mine = lambda a: [a[(k * W + r) * b:(k * W + r + 1) * b] for k in range(K)]  # global micro-batch k, rank-major
+    x, xg, c, sel = map(mine, batch)
+    res, net = {}, getattr(model, "module", model)
+    for i, name in enumerate(("itc", "rsc")):
+        model.zero_grad()
+        cache = net.cache(x, c) if K > 1 else None
+        loss = 0.0
+        for k in range(K):
+            with model.no_sync() if W > 1 and k < K - 1 else nullcontext():
+                part = model(x[k], xg[k], c[k], sel[k], int(batch[3].sum()), cache, k)[i]
+                (part / K).backward()
+            loss += part.item() / K
+        if W > 1:  # per-rank values: their mean is the loss
+            v = torch.tensor(loss)
+            dist.all_reduce(v)
+            loss = v.item() / W
+        res[name] = (loss, {n: p.grad.clone() for n, p in net.named_parameters()})
+    return res
+
+
 def ddp_worker(rank, port, out):
-    import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(Towers())
-    x, xg, c, sel = (a[rank * 4:(rank + 1) * 4] for a in global_batch())
-    res = {}
-    for name in ("itc", "rsc"):
-        model.zero_grad()
-        itc, rsc = model(x, xg, c, sel)
-        loss = itc if name == "itc" else rsc
-        loss.backward()
-        res[name] = (loss.item(), {k: p.grad.tolist() for k, p in model.named_parameters()})  # no shared mem
-        if name == "rsc":  # per-rank values differ; their mean is the global RSC
-            v = torch.tensor(loss.item())
-            dist.all_reduce(v)
-            res[name] = (v.item() / 2, res[name][1])
-    out.put((rank, res))
+    res = {K: parts(model, K) for K in (1, 2)}
+    out.put((rank, {K: {n: (v, {k: g.tolist() for k, g in grads.items()}) for n, (v, grads) in r.items()}
+                    for K, r in res.items()}))  # lists: no shared memory between processes
     dist.destroy_process_group()
 
 
@@ -154,7 +199,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_itc_rsc_equal_single_process():
+def same(a, b, grads=None):
+    """Equal (loss, grads) pairs: the loss to 1e-6, the gradients to 1e-5 of their largest entry."""
+    assert abs(a[0] - b[0]) < 1e-6, (a[0], b[0])
+    for k in grads or b[1]:
+        assert rel_err(torch.as_tensor(a[1][k]), b[1][k]) < 1e-5, k
+
+
+def test_ddp_and_accumulation_equal_one_batch():
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
@@ -168,14 +220,23 @@ def test_ddp_itc_rsc_equal_single_process():
 
     torch.manual_seed(0)
     model = Towers()
-    x, xg, c, sel = global_batch()
-    for i, name in enumerate(("itc", "rsc")):
-        model.zero_grad()
-        loss = model(x, xg, c, sel)[i]
-        loss.backward()
-        ref_loss = loss.item()
+    one = {K: parts(model, K) for K in (1, 2)}
+    for K in (1, 2):  # 2 ranks (× K micro-steps) == 1 process (× K micro-steps)
         for rank in range(2):
-            loss, grads = results[rank][name]
-            assert abs(loss - ref_loss) < 1e-6, (name, rank, loss, ref_loss)
-            for k, p in model.named_parameters():
-                assert rel_err(torch.tensor(grads["module." + k]), p.grad) < 1e-5, (name, rank, k)
+            for name in ("itc", "rsc"):
+                same(results[rank][K][name], one[K][name])
+    # Accumulation: ITC is exact (every gradient, logit_scale's included: counted once, not K times)
+    same(one[2]["itc"], one[1]["itc"])
+    # RSC: the value and every gradient but the captions' are exact; theirs lack exactly the term from the
+    # other micro-step's rows (written out here: each micro-step's captions against the other's rows).
+    same(one[2]["rsc"], one[1]["rsc"], grads=["img.weight", "img.bias", "logit_scale"])
+    x, xg, c, sel = global_batch()
+    model.zero_grad()
+    img, gen = model.img(x).detach(), model.img(xg).detach()
+    for k in range(2):
+        live = torch.arange(8) // 4 == k
+        txt = torch.where(live[:, None], model.txt(c), model.txt(c).detach())
+        rsc_loss(img[sel & ~live], gen[sel & ~live], txt, model.logit_scale.detach(), n=int(sel.sum())).backward()
+    for name, p in [("txt.weight", model.txt.weight), ("txt.bias", model.txt.bias)]:
+        lacking = one[1]["rsc"][1][name] - one[2]["rsc"][1][name]
+        assert rel_err(lacking, p.grad) < 1e-5 and p.grad.abs().max() > 0.1 * one[1]["rsc"][1][name].abs().max()

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import rel_err
+from helpers import assert_same_grads, rel_err
+import unidiff
 from losses import itc_loss, rsc_loss
 from unidiff import UniDiff, clip_normalise
 
@@ -91,6 +92,65 @@ def test_where_gradients_go_and_skipped_losses():
     b = m.losses(px, m.tokenizer([""] * 4), lambda_itc=0, lambda_rsc=0, p_uncond=0.0, generator=g())["is_"]
     assert torch.equal(a, b)
 
+
+def test_grad_accum_contrasts_the_whole_batch(monkeypatch):
+    """Gradient caching (train.py --grad-accum K): in K micro-steps, ITC's value and gradient are the whole
+    batch's; RSC's value too, and its gradient but for the term left out, which is written out here."""
+    torch.manual_seed(0)
+    m = UniDiff.tiny()
+    with torch.no_grad():
+        for p in m.clip.parameters():  # spread the embeddings so ITC/RSC are not at their uniform values
+            p.add_(torch.randn_like(p) * 0.05)
+        m.clip.logit_scale.fill_(4.6)
+    px, caps = pairs()
+    ids = m.tokenizer(caps)
+
+    def grads():
+        g = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        m.zero_grad()
+        return g
+
+    def micro_steps(K, seeds, **kw):  # as train.py runs them -> the K outputs; gradient (mean) accumulated
+        micro = list(zip(px.chunk(K), ids.chunk(K)))
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        cache = m.contrastive_cache(micro, gens, kw["lambda_itc"], kw["lambda_rsc"])
+        return [m.losses(p, i, generator=g, cache=cache, micro_step=k, **kw)
+                for k, ((p, i), g) in enumerate(zip(micro, gens))]
+
+    itc = dict(lambda_itc=1.0, lambda_is=0, lambda_rsc=0)
+    full = m.losses(px, ids, **itc)["itc"]
+    full.backward()
+    ref = grads()
+    for K in (2, 4):
+        outs = micro_steps(K, range(K), **itc)
+        for o in outs:
+            assert rel_err(o["itc"], full) < 1e-6  # every micro-step's ITC is the whole batch's
+            (o["total"] / K).backward()
+        assert_same_grads(grads(), ref)  # logit_scale's included: counted once, not K times
+
+    # RSC in 2 micro-steps, with 2 and 1 rows (t < 500); the whole batch's RSC on the same draws is written from
+    # what the micro-steps embedded.
+    seen, rsc = [], unidiff.rsc_loss
+    monkeypatch.setattr(unidiff, "rsc_loss", lambda real, gen, *a, **kw: seen.append((real, gen)) or rsc(real, gen, *a, **kw))
+    outs = micro_steps(2, (1, 2), lambda_itc=0, lambda_is=0, lambda_rsc=1.0)
+    assert [len(r) for r, _ in seen] == [2, 1]
+    real, gen = (torch.cat(x) for x in zip(*seen))
+    full = rsc(real, gen, m.clip.encode_text(ids), m.clip.logit_scale)
+    assert full > 1e-3 and rel_err((outs[0]["rsc"] + outs[1]["rsc"]) / 2, full) < 1e-5
+    full.backward(retain_graph=True)
+    ref = grads()
+    for o in outs:
+        (o["total"] / 2).backward()
+    acc = grads()
+    for k in range(2):  # left out: micro-step k's captions' gradient from the other micro-step's rows
+        txt = m.clip.encode_text(ids)
+        txt = torch.cat([txt[:2], txt[2:].detach()] if k == 0 else [txt[:2].detach(), txt[2:]])
+        rsc(seen[1 - k][0].detach(), seen[1 - k][1].detach(), txt, m.clip.logit_scale.detach(), n=3).backward()
+    left_out = grads()
+    assert all(n.startswith(("clip.text_model.", "clip.text_projection.")) for n in left_out)
+    assert max(g.abs().max() / ref[n].abs().max() for n, g in left_out.items()) > 0.1  # not a rounding
+    # RSC's gradient is a difference of nearly equal terms (P - P̂): rounding alone moves it by ~1e-5 here
+    assert_same_grads({n: acc[n] + left_out[n] if n in left_out else acc[n] for n in acc}, ref, rtol=1e-4)
 
 def test_training_step_reads_nothing_back_from_the_device():
     """A host sync (`.item()`, `if tensor`, boolean indexing) stalls the GPU every step. On the meta device,
