@@ -14,8 +14,8 @@ micro-step recomputes its own rows with gradient and puts them in their place am
 live rows is their part of its gradient: `grad_times` multiplies that by K against the loop's 1/K
 (not logit_scale's, which is whole in every micro-step). RSC's rows are each micro-step's own, against
 all the step's captions: again a part. Its one inexact term: a caption's gradient from the RSC rows of
-*other* micro-steps is left out (it needs their generated images, a no-grad UNet + decode + CLIP pass
-that costs a quarter more step time); every other gradient, and every loss value, is the whole step's.
+*other* micro-steps is left out (it needs their generated images: a no-grad UNet + decode + CLIP pass,
+a fifth more step time); every other gradient, and every loss value, is the whole step's.
 """
 from contextlib import nullcontext
 

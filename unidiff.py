@@ -129,8 +129,9 @@ class UniDiff(nn.Module):
         W, r = world_size(), dist.get_rank() if world_size() > 1 else 0
         K = 1 if cache is None else len(cache["txt"])
         mine = slice(r * B, (r + 1) * B)
+        # the first draw; t is the second (contrastive_cache redraws it to count RSC's rows)
         dev_gen = None if generator is None else \
-            torch.Generator(dev).manual_seed(int(torch.randint(2**62, (), generator=generator)))  # 1st draw, t 2nd
+            torch.Generator(dev).manual_seed(int(torch.randint(2**62, (), generator=generator)))
         randn = lambda shape: torch.randn((W * B, *shape), generator=dev_gen, device=dev)[mine]
         to_dev = lambda x: x.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else x.to(dev)
         zero = pixels.new_zeros(())

@@ -159,8 +159,9 @@ def recorded(tmp_path, name, flags, ranks=1):
             assert train.main(flags + ["--out", str(tmp_path / name)]) == 0
     else:
         (tmp_path / "record.py").write_text(RECORD)
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                              str(tmp_path / "record.py"), str(tmp_path / name), *flags, "--out", str(tmp_path / name)],
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={ranks}", str(tmp_path / "record.py"), str(tmp_path / name), *flags,
+                              "--out", str(tmp_path / name)],
                              cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1",
                                             "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])},
                              capture_output=True, text=True, timeout=300)
@@ -415,3 +416,17 @@ def test_latest_checkpoint_is_the_highest_step_number(tmp_path):
         if name != "step_2000000":  # incomplete: no state.json
             (tmp_path / name / "state.json").write_text("{}")
     assert train.latest_checkpoint(tmp_path).name == "step_1000000"
+
+
+def test_grad_accum_itc_equals_one_batch(tmp_path):
+    # ITC alone (it draws no noise, so any split of the batch meets the same loss): --grad-accum 4, and 2 ranks ×
+    # --grad-accum 2, are the one-batch run, in each step's loss (the mean over micro-steps and ranks) and its
+    # first gradients. Without gradient caching each micro-batch of 1 would have ITC = 0.
+    flags = TINY + ["--steps", "2", "--lambda-is", "0", "--lambda-rsc", "0"]
+    per_step = lambda rec, K: rec["losses"].view(-1, K, 4).mean(1)
+    torch.manual_seed(0)
+    one, = recorded(tmp_path, "one", flags)
+    four, = recorded(tmp_path, "four", flags + ["--grad-accum", "4"])
+    same_step({**four, "losses": per_step(four, 4)}, one)
+    two = recorded(tmp_path, "two", flags + ["--grad-accum", "2"], ranks=2)
+    same_step({**two[0], "losses": (per_step(two[0], 2) + per_step(two[1], 2)) / 2}, one)

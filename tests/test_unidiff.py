@@ -131,7 +131,8 @@ def test_grad_accum_contrasts_the_whole_batch(monkeypatch):
     # RSC in 2 micro-steps, with 2 and 1 rows (t < 500); the whole batch's RSC on the same draws is written from
     # what the micro-steps embedded.
     seen, rsc = [], unidiff.rsc_loss
-    monkeypatch.setattr(unidiff, "rsc_loss", lambda real, gen, *a, **kw: seen.append((real, gen)) or rsc(real, gen, *a, **kw))
+    monkeypatch.setattr(unidiff, "rsc_loss", lambda real, gen, *a, **kw: seen.append((real, gen)) or
+                        rsc(real, gen, *a, **kw))
     outs = micro_steps(2, (1, 2), lambda_itc=0, lambda_is=0, lambda_rsc=1.0)
     assert [len(r) for r, _ in seen] == [2, 1]
     real, gen = (torch.cat(x) for x in zip(*seen))
