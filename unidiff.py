@@ -185,7 +185,7 @@ class UniDiff(nn.Module):
         return out
 
     @torch.no_grad()
-    def contrastive_cache(self, micro_batches, generators, lambda_itc=1.0, lambda_rsc=0.1, t_max=500):
+    def contrastive_cache(self, micro_batches, generators, lambda_itc, lambda_rsc, t_max):
         """Gradient caching for gradient accumulation: the CLIP embeddings of a step's K micro-batches, computed
         without gradient before its micro-steps, so that each micro-step's ITC and RSC contrast against the whole
         step (`losses(..., cache=, micro_step=)`; see losses.py). One more CLIP forward of the batch: both towers,

@@ -113,7 +113,7 @@ def test_grad_accum_contrasts_the_whole_batch(monkeypatch):
     def micro_steps(K, seeds, **kw):  # as train.py runs them -> the K outputs; gradient (mean) accumulated
         micro = list(zip(px.chunk(K), ids.chunk(K)))
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        cache = m.contrastive_cache(micro, gens, kw["lambda_itc"], kw["lambda_rsc"])
+        cache = m.contrastive_cache(micro, gens, kw["lambda_itc"], kw["lambda_rsc"], 500)
         return [m.losses(p, i, generator=g, cache=cache, micro_step=k, **kw)
                 for k, ((p, i), g) in enumerate(zip(micro, gens))]
 
