@@ -7,6 +7,8 @@ centre-cropped; no augmentation.
     open_dataset("fashion_woman", split="train", size=512)  # data/fashion_woman/ (cwd-relative)
     open_dataset("path/to/folder", split="test", size=256)  # metadata.jsonl or x.jpg + x.txt
     open_dataset("demo", size=64)                           # synthetic, generated on the fly
+    open_dataset("world", split="val", size=32)             # the broad synthetic world (pretraining)
+    open_dataset("domain", split="test", size=32)           # its narrow slice with a new attribute
 
 A folder holds images and a `metadata.jsonl` (one JSON object a line: `file_name`, `text`,
 optional `split` and `group`; the Hugging Face imagefolder convention) or `x.jpg` + `x.txt` pairs.
@@ -41,11 +43,13 @@ from clip import resize_crop, to_rgb
 
 DEEPFASHION = "python data.py prepare deepfashion --src DIR  (DeepFashion-MultiModal: images/ + captions.json)"
 PRODUCTS = "python data.py prepare products --src DIR  (Fashion Product Images: styles.csv + images/<id>.jpg)"
-PRESETS = {  # name -> the command that builds data/<name>/ ("demo" is built in)
+PRESETS = {  # name -> the command that builds data/<name>/ (demo, world, domain are built in)
     "fashion_woman": DEEPFASHION,
     "fashion_man": DEEPFASHION,
     "ecommerce_product": PRODUCTS,
     "demo": None,
+    "world": None,
+    "domain": None,
 }
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TEST_FRACTION = 0.1
@@ -262,15 +266,32 @@ SHAPES = {
             ("ellipse", [(.08, .52), (.92, .66)], {})],
     "bag": [("rectangle", [(.20, .42), (.80, .86)], {}),
             ("arc", [(.32, .18), (.68, .66)], {"start": 180, "end": 360, "width": .06})],
+    # The first 8 are the demo's; the world adds these.
+    "top": [("polygon", [(.34, .14), (.42, .14), (.44, .26), (.56, .26), (.58, .14), (.66, .14), (.70, .36),
+                         (.68, .78), (.32, .78), (.30, .36)], {})],
+    "shorts": [("polygon", [(.26, .26), (.74, .26), (.82, .70), (.56, .70), (.50, .48), (.44, .70),
+                            (.18, .70)], {})],
+    "boots": [("polygon", [(.08, .14), (.30, .14), (.30, .62), (.46, .70), (.46, .84), (.08, .84)], {}),
+              ("polygon", [(.54, .14), (.76, .14), (.76, .62), (.92, .70), (.92, .84), (.54, .84)], {})],
+    "scarf": [("polygon", [(.16, .18), (.84, .18), (.84, .34), (.64, .34), (.64, .88), (.46, .88), (.46, .34),
+                           (.16, .34)], {})],
 }
 COLOURS = {"red": (200, 30, 30), "orange": (245, 120, 10), "yellow": (240, 215, 35), "green": (40, 150, 60),
-           "blue": (40, 80, 200), "purple": (120, 50, 160), "pink": (240, 130, 180), "black": (30, 30, 30)}
-PATTERNS = ["plain", "striped", "dotted", "checked"]
+           "blue": (40, 80, 200), "purple": (120, 50, 160), "pink": (240, 130, 180), "black": (30, 30, 30),
+           "teal": (20, 140, 140), "brown": (120, 70, 30)}
+PATTERNS = ["plain", "striped", "dotted", "checked", "zigzag", "argyle"]
+DEMO_CLASSES = (8, 8, 4)  # the demo draws from the first 8 garments, 8 colours and 4 patterns above
 DEMO_SIZES = {"train": 2000, "test": 200}
+# The domain's new attribute: a plain band along the garment's lower edge, in a colour no domain garment has.
+HEMS = {"white": (245, 245, 245), "black": (25, 25, 25), "red": (200, 30, 30), "blue": (40, 80, 200)}
+HEM_DEPTH = 0.1  # of the image height: 3 px at 32 px
+DOMAIN_KINDS = ["dress", "skirt", "top"]
+DOMAIN_COLOURS = [c for c in COLOURS if c not in HEMS]  # so the hem always stands out from the garment
 
 
-def render_garment(kind, colour, pattern, size, rng):
-    """uint8 (size, size, 3): one garment on a light background; `rng` jitters pose and tints."""
+def render_garment(kind, colour, pattern, size, rng, hem=None, studio=False):
+    """uint8 (size, size, 3): one garment on a light background (`studio`: a grey gradient, lighter at the
+    top), with a plain band of colour `hem` along its lower edge if given; `rng` jitters pose and tints."""
     S = 2 * size  # draw at twice the size, then average 2×2 blocks: smooth edges, cheap
     scale, dx, dy, phase = rng.uniform(.85, 1.0), *rng.uniform(-.06, .06, 2), rng.uniform(0, 1)
     mask = Image.new("L", (S, S), 0)
@@ -281,6 +302,7 @@ def render_garment(kind, colour, pattern, size, rng):
         if "width" in kw:
             kw["width"] = max(1, round(kw["width"] * scale * S))
         getattr(draw, op)(xy, **kw)
+    mask = np.asarray(mask) > 127  # (S, S)
     x = np.arange(S)[None, :] / S + phase  # (1, S); pattern periods: 1/8 of the image, 1/6 for dots
     y = np.arange(S)[:, None] / S + phase  # (S, 1)
     if pattern == "striped":
@@ -289,21 +311,38 @@ def render_garment(kind, colour, pattern, size, rng):
         motif = ((x * 6) % 1 - .5) ** 2 + ((y * 6) % 1 - .5) ** 2 < .33**2
     elif pattern == "checked":
         motif = (np.floor(x * 8) + np.floor(y * 8)) % 2 == 0
+    elif pattern == "zigzag":  # stripes bent at 45° every 1/8 of the image
+        motif = (y * 8 + 2 * np.abs((x * 4) % 1 - .5)) % 1 < .5
+    elif pattern == "argyle":  # diamonds: a checkerboard turned 45°, period 1/4
+        motif = np.abs((x * 4) % 1 - .5) + np.abs((y * 4) % 1 - .5) < .5
     else:
         motif = np.zeros((S, S), bool)
     base = np.clip(np.array(COLOURS[colour]) + rng.integers(-15, 16, 3), 0, 255)
     light = base @ [.299, .587, .114] > 140
     contrast = np.array([40, 40, 40] if light else [250, 250, 250])
-    background = rng.integers(222, 250) + rng.integers(-6, 7, 3)
+    background = rng.integers(222, 250) + rng.integers(-6, 7, 3)  # (3,)
+    if studio:
+        background = background - np.linspace(70, 130, S)[:, None, None]  # (S, 1, 3): grey, darker downwards
     garment = np.where(motif[..., None], contrast.astype(np.uint8), base.astype(np.uint8))  # (S, S, 3)
-    img = np.where(np.asarray(mask)[..., None] > 127, garment, background.astype(np.uint8))
+    if hem:
+        bottom = np.flatnonzero(mask.any(1))[-1]  # the silhouette's lowest row
+        band = np.arange(S)[:, None, None] > bottom - HEM_DEPTH * S  # (S, 1, 1)
+        garment = np.where(band, np.array(HEMS[hem], np.uint8), garment)
+    img = np.where(mask[..., None], garment, background.astype(np.uint8))
     return np.asarray(Image.fromarray(img).reduce(2))
 
 
 def demo_caption(kind, colour, pattern):
     words = ["plain", colour, kind] if pattern == "plain" else [colour, pattern, kind]
-    article = "a pair of" if kind in ("trousers", "shoes") else "an" if words[0][0] in "aeiou" else "a"
+    article = "a pair of" if kind in ("trousers", "shoes", "shorts", "boots") else \
+        "an" if words[0][0] in "aeiou" else "a"
     return " ".join([article, *words])
+
+
+def caption(label):
+    """The caption of a world or domain label: "a red striped dress", "... with a white hem"."""
+    hem = "" if label["hem"] == "none" else f" with a {label['hem']} hem"
+    return demo_caption(label["kind"], label["colour"], label["pattern"]) + hem
 
 
 class DemoDataset(Dataset):
@@ -323,7 +362,7 @@ class DemoDataset(Dataset):
 
     @staticmethod
     def _label(rng):
-        k, c, p = rng.integers(0, [len(SHAPES), len(COLOURS), len(PATTERNS)])
+        k, c, p = rng.integers(0, DEMO_CLASSES)
         return list(SHAPES)[k], list(COLOURS)[c], PATTERNS[p]
 
     def label(self, i):
@@ -342,17 +381,96 @@ class DemoDataset(Dataset):
         return to_pixels(render_garment(*label, self.size, rng)), demo_caption(*label)
 
     def report(self, token_lengths=None):
-        return [f"demo: {self.n} synthetic {self.split or 'all'} images at {self.size} px ({len(SHAPES)} garments × "
-                f"{len(COLOURS)} colours × {len(PATTERNS)} patterns, seed {self.seed})"] + \
+        return [f"demo: {self.n} synthetic {self.split or 'all'} images at {self.size} px ({DEMO_CLASSES[0]} garments "
+                f"× {DEMO_CLASSES[1]} colours × {DEMO_CLASSES[2]} patterns, seed {self.seed})"] + \
             long_caption_lines(self.captions, token_lengths)
 
 
-def open_dataset(name_or_dir, split="train", size=512, seed=0, root="data"):
-    """A preset name (fashion_woman, fashion_man, ecommerce_product: `root`/<name>/; demo) or a folder.
+class WorldDataset(Dataset):
+    """The broad synthetic world to pretrain on: 12 garments × 10 colours × 6 patterns on a light
+    background, captioned "a red striped dress". Index -> the same image every time; each split is
+    its own seeded stream (disjoint by construction); split None runs through train, val, test."""
+    sizes = {"train": 50_000, "val": 500, "test": 1000}
+    stream = 1  # keeps the world's seeded streams apart from the domain's
+    studio = False
 
-    split: "train", "test" or None (all rows). seed: the demo's content, and a folder's split
-    for rows whose metadata has no `split`. Raises DataError with a clear message.
+    def __init__(self, split="train", size=32, seed=0):
+        if split not in (*self.sizes, None):
+            raise ValueError(f"split must be one of {', '.join(self.sizes)} or None, not {split!r}")
+        self.split, self.size, self.seed = split, size, seed
+        self.n = self.sizes[split] if split else sum(self.sizes.values())
+
+    def __len__(self):
+        return self.n
+
+    def _where(self, i):
+        """(split, index within it) of item i."""
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        if self.split:
+            return self.split, i
+        for split, n in self.sizes.items():
+            if i < n:
+                return split, i
+            i -= n
+
+    def _rng(self, split, *key):
+        return np.random.default_rng([self.seed, self.stream, list(self.sizes).index(split), *key])
+
+    def label(self, i):
+        """The true attributes of item i: {"kind", "colour", "pattern", "hem"} ("hem" is "none" in the world)."""
+        split, j = self._where(i)
+        k, c, p = self._rng(split, j).integers(0, [len(SHAPES), len(COLOURS), len(PATTERNS)])
+        return {"kind": list(SHAPES)[k], "colour": list(COLOURS)[c], "pattern": PATTERNS[p], "hem": "none"}
+
+    @property
+    def captions(self):
+        return [caption(self.label(i)) for i in range(self.n)]
+
+    def __getitem__(self, i):
+        label = self.label(i)
+        rng = self._rng(*self._where(i), 1)  # the pose and tints: a stream of their own
+        hem = None if label["hem"] == "none" else label["hem"]
+        img = render_garment(label["kind"], label["colour"], label["pattern"], self.size, rng, hem, self.studio)
+        return to_pixels(img), caption(label)
+
+    def report(self, token_lengths=None):
+        return [f"world: {self.n} synthetic {self.split or 'all'} images at {self.size} px ({len(SHAPES)} garments × "
+                f"{len(COLOURS)} colours × {len(PATTERNS)} patterns, light background, seed {self.seed})"] + \
+            long_caption_lines(self.captions, token_lengths)
+
+
+class DomainDataset(WorldDataset):
+    """A narrow slice of the world with a shift, to fine-tune on: only dresses, skirts and tops, on a
+    studio background (a grey gradient), with an attribute the world never shows, a hem of another
+    colour, named in a longer caption: "a green striped dress with a white hem". Items come in groups
+    of look-alikes, the same garment with each hem, so captions differ only in the hem."""
+    sizes = {"train": 400, "val": 200, "test": 200}  # multiples of len(HEMS): whole groups
+    stream = 2
+    studio = True
+
+    def label(self, i):
+        split, j = self._where(i)
+        n = len(HEMS)
+        k, c, p = self._rng(split, j // n).integers(0, [len(DOMAIN_KINDS), len(DOMAIN_COLOURS), len(PATTERNS)])
+        return {"kind": DOMAIN_KINDS[k], "colour": DOMAIN_COLOURS[c], "pattern": PATTERNS[p], "hem": list(HEMS)[j % n]}
+
+    def report(self, token_lengths=None):
+        return [f"domain: {self.n} synthetic {self.split or 'all'} images at {self.size} px ({', '.join(DOMAIN_KINDS)}"
+                f" × {len(DOMAIN_COLOURS)} colours × {len(PATTERNS)} patterns × {len(HEMS)} hems, studio background, "
+                f"seed {self.seed})"] + long_caption_lines(self.captions, token_lengths)
+
+
+def open_dataset(name_or_dir, split="train", size=512, seed=0, root="data"):
+    """A preset name (fashion_woman, fashion_man, ecommerce_product: `root`/<name>/; demo, world,
+    domain: synthetic) or a folder.
+
+    split: "train", "test" or None (all rows); world and domain also have "val". seed: the synthetic
+    sets' content, and a folder's split for rows whose metadata has no `split`. Raises DataError
+    with a clear message.
     """
+    if name_or_dir in ("world", "domain"):
+        return {"world": WorldDataset, "domain": DomainDataset}[name_or_dir](split, size, seed)
     if split not in ("train", "test", None):
         raise ValueError(f"split must be 'train', 'test' or None, not {split!r}")
     if name_or_dir == "demo":

@@ -344,3 +344,77 @@ def test_cli_help():
     result = subprocess.run([sys.executable, "data.py", "prepare", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "deepfashion" in result.stdout and "--src" in result.stdout
+
+
+def as_uint8(pixels):
+    return ((pixels.permute(1, 2, 0) + 1) * 127.5).round().numpy()  # (H, W, 3) in 0..255
+
+
+def garment_rows(img):
+    """Per row, the pixels that differ from the row's background (column 0: no garment reaches it)."""
+    return [row[np.abs(row - row[0]).sum(1) > 60] for row in img]
+
+
+def test_world_and_domain_are_deterministic_with_disjoint_splits():
+    for name, sizes in [("world", data.WorldDataset.sizes), ("domain", data.DomainDataset.sizes)]:
+        splits = {s: data.open_dataset(name, s, size=16) for s in ("train", "val", "test")}
+        assert {s: len(ds) for s, ds in splits.items()} == sizes
+        again = data.open_dataset(name, "test", size=16)
+        assert all(torch.equal(splits["test"][i][0], again[i][0]) for i in range(0, 200, 37))
+        assert not torch.equal(data.open_dataset(name, "test", size=16, seed=1)[5][0], again[5][0])
+        everything = data.open_dataset(name, None, size=16)  # train, then val, then test
+        assert len(everything) == sum(sizes.values())
+        assert torch.equal(everything[sizes["train"] + 3][0], splits["val"][3][0])
+        assert everything.label(len(everything) - 1) == splits["test"].label(sizes["test"] - 1)
+        seen = {}  # every image of the three streams (the world's train: its first 2000) is distinct
+        for s, ds in splits.items():
+            for i in range(min(len(ds), 2000)):
+                seen.setdefault(ds[i][0].numpy().tobytes(), (s, i))
+        assert len(seen) == sum(min(n, 2000) for n in sizes.values())
+        with pytest.raises(IndexError):
+            splits["val"][sizes["val"]]
+    with pytest.raises(ValueError, match="split must be one of train, val, test"):
+        data.open_dataset("world", "validation")
+    assert "demo: 200 synthetic test images" in data.open_dataset("demo", "test", size=16).report()[0]
+
+
+def test_world_labels_agree_with_captions_and_pixels():
+    ds = data.open_dataset("world", "test", size=32)
+    labels = [ds.label(i) for i in range(len(ds))]
+    assert ds.captions[:50] == [ds[i][1] for i in range(50)] == [data.caption(l) for l in labels[:50]]
+    for attribute, values in [("kind", data.SHAPES), ("colour", data.COLOURS), ("pattern", data.PATTERNS)]:
+        assert {l[attribute] for l in labels} == set(values)  # 1000 draws reach every value
+    assert {l["hem"] for l in labels} == {"none"} and not any("hem" in c for c in ds.captions)
+    assert data.caption({"kind": "boots", "colour": "orange", "pattern": "plain", "hem": "none"}) == \
+        "a pair of plain orange boots"
+    plain = [i for i, l in enumerate(labels) if l["pattern"] == "plain"][:30]
+    for i in plain:  # a plain garment's pixels have its colour (tinted by at most 15 per channel)
+        img = as_uint8(ds[i][0])
+        median = np.median(np.concatenate(garment_rows(img)), 0)
+        assert np.abs(median - data.COLOURS[labels[i]["colour"]]).max() <= 16, (i, labels[i], median)
+
+
+def test_domain_captions_name_the_hem_and_look_alikes_differ_only_in_it():
+    assert not set(data.DOMAIN_COLOURS) & set(data.HEMS) and set(data.DOMAIN_KINDS) <= set(data.SHAPES)
+    for split in ("train", "val", "test"):
+        ds = data.open_dataset("domain", split, size=32)
+        labels = [ds.label(i) for i in range(len(ds))]
+        assert ds.captions == [data.caption(l) for l in labels]
+        groups = {}
+        for l, c in zip(labels, ds.captions):
+            assert l["kind"] in data.DOMAIN_KINDS and l["colour"] in data.DOMAIN_COLOURS
+            assert c.endswith(f" with a {l['hem']} hem") and l["hem"] in data.HEMS
+            groups.setdefault(c.rsplit(" with a ", 1)[0], []).append(l["hem"])
+        # every garment comes with each hem: its look-alikes' captions differ only in the hem's colour
+        assert all(sorted(hems) == sorted(list(data.HEMS) * (len(hems) // len(data.HEMS))) for hems in groups.values())
+        assert len(groups) > len(ds) // len(data.HEMS) / 2  # of 126 garments, groups repeat a few (seed 0: 70 of 100)
+    for i in range(0, 200, 7):  # the row above the silhouette's lowest holds the hem's colour
+        img = as_uint8(ds[i][0])
+        rows = [r for r in garment_rows(img) if len(r)]
+        hem = np.median(rows[-2], 0)
+        assert np.abs(hem - data.HEMS[labels[i]["hem"]]).max() <= 40, (i, labels[i], hem)
+    # the studio background is a grey gradient, darker downwards; the world's is light and flat
+    corner = as_uint8(ds[0][0])[:, 0].mean(1)
+    assert corner[0] - corner[-1] > 40 and corner[0] < 200
+    world = as_uint8(data.open_dataset("world", "test", size=32)[0][0])[:, 0].mean(1)
+    assert world.min() > 200 and world.max() - world.min() < 3
