@@ -284,7 +284,7 @@ DEMO_CLASSES = (8, 8, 4)  # the demo draws from the first 8 garments, 8 colours 
 DEMO_SIZES = {"train": 2000, "test": 200}
 # The domain's new attribute: a plain band along the garment's lower edge, in a colour no domain garment has.
 HEMS = {"white": (245, 245, 245), "black": (25, 25, 25), "red": (200, 30, 30), "blue": (40, 80, 200)}
-HEM_DEPTH = 0.1  # of the image height: 3 px at 32 px
+HEM_DEPTH = 0.125  # of the image height: 4 px at 32 px, twice a stripe, so a stripe is no hem
 DOMAIN_KINDS = ["dress", "skirt", "top"]
 DOMAIN_COLOURS = [c for c in COLOURS if c not in HEMS]  # so the hem always stands out from the garment
 
