@@ -18,9 +18,7 @@ FD and collapse need at least 2 images (a covariance, a pair), so --n and the te
   fine-tuning on a small dataset pushes it up (everything looks alike to the model).
 """
 import argparse
-import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,20 +26,21 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from data import TEST_FRACTION, DataError, open_dataset
+from runs import RunError, autocast, latest_checkpoint, load_model, load_start, read_state
 from weights import WeightsError
 
 
 @torch.no_grad()
 def embed_images(model, pixels, batch=64):
     """L2-normalised CLIP image embeddings (N, D), float32 on the CPU."""
-    dev = model.alphas_cumprod.device
+    dev = next(model.parameters()).device
     out = [model.clip.encode_image(model.clip_pixels(pixels[i:i + batch].to(dev))) for i in range(0, len(pixels), batch)]
     return F.normalize(torch.cat(out).float(), dim=-1).cpu()
 
 
 @torch.no_grad()
 def embed_texts(model, captions, batch=256):
-    dev = model.alphas_cumprod.device
+    dev = next(model.parameters()).device
     out = [model.clip.encode_text(model.tokenizer(captions[i:i + batch]).to(dev)) for i in range(0, len(captions), batch)]
     return F.normalize(torch.cat(out).float(), dim=-1).cpu()
 
@@ -132,7 +131,6 @@ def table(columns):
 
 
 def main(argv=None):
-    from train import RunError, latest_checkpoint, load_model, load_start
     p = argparse.ArgumentParser(description="Evaluate a run against the model it started from (Markdown table).")
     p.add_argument("--ckpt", required=True, help="a run folder (its latest checkpoint) or one checkpoint folder")
     p.add_argument("--data", help="a preset or folder (default: the run's --data); its test split is used: the rows "
@@ -150,14 +148,13 @@ def main(argv=None):
         p.error(f"--n {args.n}: FD fits a covariance to the generated images, which needs at least 2")
     try:
         ckpt = latest_checkpoint(args.ckpt)
-        run_args = json.loads((ckpt / "state.json").read_text())["args"]
+        run_args = read_state(ckpt)["args"]
         args.data, args.res = args.data or run_args["data"], args.res or run_args["res"]
         test_set = open_dataset(args.data, "test", args.res)
         if len(test_set) < 2:
             raise DataError(f"{args.data}: the test split has {len(test_set)} pair; FD and collapse need at least 2 "
                             "(a covariance, a pair of images): mark more rows \"split\": \"test\" in metadata.jsonl")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         start, judge_name = load_start(ckpt.parent)
         model, _, weights = load_model(ckpt, args.weights)
         start.to(device).eval()
@@ -165,7 +162,7 @@ def main(argv=None):
         print(f"evaluating {ckpt} ({weights} weights) on {args.data} (test split, {len(test_set)} pairs; "
               f"{min(args.n, len(test_set))} generated at {args.res} px, {args.steps} DDIM steps, guidance "
               f"{args.guidance})", file=sys.stderr)
-        with amp:
+        with autocast(device):
             columns = {"pretrained": evaluate(start, start, test_set, args),
                        f"run ({ckpt.name})": evaluate(model, start, test_set, args)}
     except (DataError, WeightsError, RunError) as e:

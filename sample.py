@@ -8,18 +8,16 @@ checkpoint folder; a checkpoint trained with --ema samples with its EMA weights 
 the trained weights themselves).
 """
 import argparse
-import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from runs import RunError, autocast, latest_checkpoint, load_model, read_state, save_grid
 from weights import WeightsError
 
 
 def main(argv=None):
-    from train import RunError, latest_checkpoint, load_model, save_grid
     p = argparse.ArgumentParser(description="Prompts -> a PNG grid (one row per prompt).")
     p.add_argument("--ckpt", required=True, help="a run folder (its latest checkpoint) or one checkpoint folder")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for more rows")
@@ -34,7 +32,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         ckpt = latest_checkpoint(args.ckpt)
-        res = json.loads((ckpt / "state.json").read_text())["args"]["res"]
+        res = read_state(ckpt)["args"]["res"]
         model, _, weights = load_model(ckpt, args.weights)
     except (WeightsError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -45,8 +43,7 @@ def main(argv=None):
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with amp:  # one seed per row, so a prompt's images do not depend on the other prompts
+    with autocast(device):  # one seed per row, so a prompt's images do not depend on the other prompts
         rows = [model.generate([prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed + i,
                                height=h, width=w) for i, prompt in enumerate(args.prompt)]
     save_grid(rows, Path(args.out))

@@ -12,6 +12,7 @@ from PIL import Image
 import eval as ev
 import sample
 import train
+from weights import read_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,8 @@ def test_sample_writes_a_grid(run, tmp_path, capsys):
 
 def test_weights_ema_or_live(run, tmp_path, monkeypatch, capsys):
     ckpt = run / "step_000002"
-    live = train.read_safetensors(ckpt / "live.safetensors")
-    ema = train.read_safetensors(ckpt / "unet" / "diffusion_pytorch_model.safetensors")  # the model folders: EMA
+    live = read_safetensors(ckpt / "live.safetensors")
+    ema = read_safetensors(ckpt / "unet" / "diffusion_pytorch_model.safetensors")  # the model folders: EMA
     assert any(not torch.equal(ema[k[5:]], v) for k, v in live.items() if k.startswith("unet."))
     loaded = {}
     def evaluate(model, judge, test_set, args):  # records the run's weights instead of measuring them

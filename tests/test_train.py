@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import runs
 import train
 from helpers import assert_same_grads, recording, rel_err
 from test_data import metadata_folder
@@ -59,29 +60,29 @@ def test_resume_after_ctrl_c_equals_straight_run(tmp_path, monkeypatch):
 
 def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
-    real_save, calls = train.save_safetensors, []
+    real_save, calls = runs.save_safetensors, []
     def save(sd, path, metadata=None):
         calls.append(path)
         if "step_000004" in str(path):  # the second checkpoint dies half-written
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_save(sd, path, metadata)
-    monkeypatch.setattr(train, "save_safetensors", save)
+    monkeypatch.setattr(runs, "save_safetensors", save)
     assert train.main(TINY + ["--steps", "4", "--save-every", "2", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "step_000002 is intact" in err and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["init", "run.json", "step_000002"]  # no temp left
-    model, ckpt, _ = train.load_model(tmp_path / "r")
+    model, ckpt, _ = runs.load_model(tmp_path / "r")
     assert ckpt.name == "step_000002" and isinstance(model, train.UniDiff)
 
 
 KILL_WHILE_SAVING = """
-import os, sys, train
-real = train.save_safetensors
+import os, sys, runs, train
+real = runs.save_safetensors
 def save(sd, path, metadata=None):
     if "step_000004" in str(path) and path.name == "optimizer.safetensors":
         os._exit(137)  # killed half-way through the second checkpoint: no handler runs
     return real(sd, path, metadata)
-train.save_safetensors = save
+runs.save_safetensors = save
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -93,7 +94,7 @@ def test_killed_while_saving_leaves_previous_checkpoint_loadable(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert killed.returncode == 137, killed.stderr[-2000:]
     assert (run / ".step_000004.tmp").is_dir()  # the half-written checkpoint, never renamed into place
-    model, ckpt, _ = train.load_model(run)
+    model, ckpt, _ = runs.load_model(run)
     assert ckpt.name == "step_000002" and isinstance(model, train.UniDiff)
     assert train.main(["--resume", str(run)]) == 0  # and the run continues from it
     assert sorted(p.name for p in run.glob("step_*")) == ["step_000002", "step_000004"]

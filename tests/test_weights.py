@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import runs
 import train
 from single_file import to_single_file
 from unidiff import UniDiff
@@ -80,7 +81,7 @@ def test_train_from_single_file_and_clip_folder(offline, tmp_path):
     start = json.loads((tmp_path / "run" / "run.json").read_text())["start"]
     assert start["sd"] == str(file.resolve()) and start["clip"] == str((offline / "clip-vit-large-patch14").resolve())
     assert not (file.parent / "clip-vit-large-patch14").exists()  # nothing written into the other app's folder
-    loaded, _ = train.load_start(tmp_path / "run")  # the model the run started from
+    loaded, _ = runs.load_start(tmp_path / "run")  # the model the run started from
     want = m.state_dict()
     assert loaded.state_dict().keys() == want.keys() and all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
     # the same file found in the --weights folder, CLIP beside it there; another safetensors does not count

@@ -1,0 +1,185 @@
+"""Run folders: what train.py writes, and sample.py and eval.py read back.
+
+    runs/demo/
+        run.json            the model the run started from (eval.py's pretrained side and judge) and its arguments
+        init/               tiny runs only: the random initial weights, that start
+        samples/            a PNG grid per validation
+        step_000500/        a checkpoint, complete on its own:
+            unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json   a diffusers folder
+            clip/           a transformers CLIPModel folder (see UniDiff.save)
+            live.safetensors        with --ema only: the model folders hold the EMA, this the trained weights
+            optimizer.safetensors   AdamW's moments, by parameter name
+            state.json      step, data position, arguments
+
+Nothing is pickled. A checkpoint is written to a hidden temp folder, then renamed: a kill or a full
+disk while saving leaves the previous one as it was.
+"""
+import json
+import os
+import shutil
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from unidiff import UniDiff
+from weights import read_safetensors, save_safetensors
+
+
+class RunError(Exception):
+    """A problem that stops the run cleanly; the message says what happened and what to do."""
+
+
+def autocast(device):
+    """The precision of training and sampling: bf16 autocast on a GPU, fp32 on the CPU (bf16 is slow there)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+# ------------------------------------------------------------------------------ reading
+
+def checkpoints(run):
+    """The complete `step_*` folders of a run folder, oldest first (by number: step_1000000 > step_999999)."""
+    steps = [p for p in Path(run).glob("step_*") if p.name[5:].isdigit() and (p / "state.json").is_file()]
+    return sorted(steps, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(path):
+    """A checkpoint folder, or the newest complete `step_*` folder of a run folder."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    steps = checkpoints(path)
+    if not steps:
+        raise RunError(f"{path}: no checkpoint here (expected a run folder with step_* folders, or one of them)")
+    return steps[-1]
+
+
+def read_state(ckpt):
+    """A checkpoint's state.json: {"step", "samples_seen", "world", "args", ...}."""
+    return json.loads((Path(ckpt) / "state.json").read_text())
+
+
+def load_model(path, weights=None):
+    """(UniDiff, checkpoint folder, "ema" or "live") for a run folder or a checkpoint. `weights`: "ema",
+    "live", or None: what its model folders hold (the EMA when the run had --ema; `live.safetensors` then
+    holds the trained weights)."""
+    ckpt = latest_checkpoint(path)
+    live = ckpt / "live.safetensors"
+    if weights == "ema" and not live.is_file():
+        raise RunError(f"{ckpt} has no EMA weights (its run trained without --ema): use --weights live")
+    model = UniDiff.from_pretrained(ckpt)
+    if weights == "live" and live.is_file():
+        load_params(model, read_safetensors(live))
+    return model, ckpt, weights or ("ema" if live.is_file() else "live")
+
+
+def load_params(model, tensors):
+    """Copy named tensors (a subset of the model's parameters) into the model."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def save_start(run, model, start, args):
+    """Write `run.json`: where the run starts (`start`; a random start's weights go into `run/init/`) and
+    its arguments."""
+    run.mkdir(parents=True, exist_ok=True)
+    if "init" in start:  # random weights: keep them, they are the run's "pretrained" model
+        shutil.rmtree(run / start["init"], ignore_errors=True)
+        model.save(run / start["init"])
+    (run / "run.json").write_text(json.dumps({"start": start, "args": vars(args)}, indent=2))
+
+
+def load_start(run):
+    """The model a run started from (eval.py's pretrained side and CLIP-score judge), and its name."""
+    run = Path(run)
+    if not (run / "run.json").is_file():
+        raise RunError(f"{run}/run.json not found: it records the model the run started from (the pretrained "
+                       "side of the table and the CLIP-score judge); pass a checkpoint inside its run folder")
+    start = json.loads((run / "run.json").read_text())["start"]
+    if "init" in start:
+        return UniDiff.from_pretrained(run / start["init"]), f"{start['model']} initial weights ({run / start['init']})"
+    return UniDiff.from_pretrained(start["sd"], clip=start["clip"]), f"pretrained {start['sd']} + {start['clip']}"
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def save_checkpoint(run, step, model, named, opt, ema, state):
+    """Write `run/step_XXXXXX/` atomically: into a hidden temp folder, renamed when complete. The model
+    folders (what diffusers, transformers and ComfyUI open) hold the EMA weights when there are some, as
+    sample.py and eval.py use by default; `live.safetensors` then holds the trained ones (for --resume)."""
+    final, tmp = run / f"step_{step:06d}", run / f".step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with swap_in([p for _, p in named], ema):
+            model.save(tmp)
+        save_safetensors(optimizer_tensors(opt, named), tmp / "optimizer.safetensors")
+        if ema is not None:
+            save_safetensors(dict(named), tmp / "live.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        os.rename(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
+        if isinstance(e, OSError):
+            prev = checkpoints(run)
+            raise RunError(f"could not write checkpoint {final} ({e.strerror or e}); nothing was lost: "
+                           + (f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint")
+                           + ". Free some disk space and --resume.") from None
+        raise
+    return final
+
+
+def load_checkpoint(ckpt, model, named, opt):
+    """Resume from `ckpt` into a model loaded from it: the trained weights (when its model folders hold
+    the EMA) and AdamW's state. Returns the step to continue from."""
+    if (ckpt / "live.safetensors").is_file():
+        load_params(model, read_safetensors(ckpt / "live.safetensors"))
+    tensors = read_safetensors(ckpt / "optimizer.safetensors")
+    state = {}
+    for i, (name, _) in enumerate(named):  # state_dict() numbers the parameters in group order, as `named`
+        keys = [k for k in ("step", "exp_avg", "exp_avg_sq") if f"{name}.{k}" in tensors]
+        if keys:
+            state[i] = {k: tensors[f"{name}.{k}"] for k in keys}
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    return read_state(ckpt)["step"]
+
+
+def optimizer_tensors(opt, named):
+    """AdamW's state as flat named tensors (`<param>.exp_avg`, ...): safetensors, not a pickle."""
+    out = {}
+    for name, p in named:
+        for k, v in opt.state.get(p, {}).items():
+            out[f"{name}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+@contextmanager
+def swap_in(params, ema):
+    """Inside, the EMA weights (if any) are in the model (saving, validation); the trained ones come back after."""
+    if ema is None:
+        yield
+        return
+    live = [p.detach().clone() for p in params]
+    torch._foreach_copy_([p.data for p in params], ema)
+    try:
+        yield
+    finally:
+        torch._foreach_copy_([p.data for p in params], live)
+
+
+# ------------------------------------------------------------------------------ images
+
+def to_uint8(pixels):
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
+    return ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def save_grid(rows, path):
+    """rows: list of uint8 (N, H, W, 3) -> one PNG, a row each, written atomically."""
+    grid = torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0).numpy()  # (rows·H, N·W, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, path)
