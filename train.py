@@ -195,8 +195,8 @@ def train(args):
     prepare_model(model, parts, args, d)
     opt, named = make_optimizer(model, args)
     params = [p for _, p in named]
-    ema = [p.detach().float().clone() for p in params] if args.ema else None  # resuming: the checkpoint's EMA
-    step = load_checkpoint(ckpt, model, named, opt) if ckpt is not None else 0
+    ema = [p.detach().float().clone() for p in params] if args.ema else None  # resuming: the checkpoint's EMA,
+    step = load_checkpoint(ckpt, model, named, opt) if ckpt is not None else 0  # then its trained weights
     say(f"model: {args.model}, training {', '.join(parts)} ({sum(p.numel() for p in params) / 1e6:.1f}M parameters); "
         f"global batch {args.batch_size} = {d.world} rank(s) × {args.grad_accum} micro-step(s) × {micro}; {args.res} px; "
         f"{'bf16 autocast on ' + torch.cuda.get_device_name(d.device) if d.cuda else 'fp32 on CPU'}")
@@ -264,6 +264,7 @@ class Dist:
 
 
 def init_distributed():
+    """DDP when torchrun started several processes; the device: this rank's GPU, else the CPU."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -284,6 +285,7 @@ def micro_batch(args, world):
 
 
 def trained_parts(args):
+    """--train as a list, checked before anything is loaded."""
     parts = args.train.split(",")
     if set(parts) - {"unet", "text", "vision"}:
         raise RunError(f"--train {args.train!r}: choose from unet, text, vision (comma-separated)")
