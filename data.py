@@ -1,4 +1,4 @@
-"""Image–caption data: folders, named presets, the built-in demo set, and `prepare`.
+"""Image–caption data: folders, named presets, the built-in synthetic sets, and `prepare`.
 
 An item is `(pixels, caption)`: pixels float32 (3, H, W) in [-1, 1] (the VAE's range; the
 model converts to CLIP's normalisation), the shorter side resized to `size` (bicubic) and
@@ -6,9 +6,8 @@ centre-cropped; no augmentation.
 
     open_dataset("fashion_woman", split="train", size=512)  # data/fashion_woman/ (cwd-relative)
     open_dataset("path/to/folder", split="test", size=256)  # metadata.jsonl or x.jpg + x.txt
-    open_dataset("demo", size=64)                           # synthetic, generated on the fly
     open_dataset("world", split="val", size=32)             # the broad synthetic world (pretraining)
-    open_dataset("domain", split="test", size=32)           # its narrow slice with a new attribute
+    open_dataset("demo", split="test", size=32)             # its narrow domain slice with a new attribute
 
 A folder holds images and a `metadata.jsonl` (one JSON object a line: `file_name`, `text`,
 optional `split` and `group`; the Hugging Face imagefolder convention) or `x.jpg` + `x.txt` pairs.
@@ -43,13 +42,12 @@ from clip import resize_crop, to_rgb
 
 DEEPFASHION = "python data.py prepare deepfashion --src DIR  (DeepFashion-MultiModal: images/ + captions.json)"
 PRODUCTS = "python data.py prepare products --src DIR  (Fashion Product Images: styles.csv + images/<id>.jpg)"
-PRESETS = {  # name -> the command that builds data/<name>/ (demo, world, domain are built in)
+PRESETS = {  # name -> the command that builds data/<name>/ (world and demo are built in)
     "fashion_woman": DEEPFASHION,
     "fashion_man": DEEPFASHION,
     "ecommerce_product": PRODUCTS,
-    "demo": None,
     "world": None,
-    "domain": None,
+    "demo": None,
 }
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TEST_FRACTION = 0.1
@@ -247,7 +245,7 @@ class FolderDataset(Dataset):
                 + long_caption_lines(self.captions, token_lengths))
 
 
-# ---------------------------------------------------------------------------- demo
+# ---------------------------------------------------------------------------- the synthetic world and demo
 
 # Garment silhouettes in unit coordinates (x right, y down), drawn with PIL.ImageDraw.
 SHAPES = {
@@ -266,7 +264,6 @@ SHAPES = {
             ("ellipse", [(.08, .52), (.92, .66)], {})],
     "bag": [("rectangle", [(.20, .42), (.80, .86)], {}),
             ("arc", [(.32, .18), (.68, .66)], {"start": 180, "end": 360, "width": .06})],
-    # The first 8 are the demo's; the world adds these.
     "top": [("polygon", [(.34, .14), (.42, .14), (.44, .26), (.56, .26), (.58, .14), (.66, .14), (.70, .36),
                          (.68, .78), (.32, .78), (.30, .36)], {})],
     "shorts": [("polygon", [(.26, .26), (.74, .26), (.82, .70), (.56, .70), (.50, .48), (.44, .70),
@@ -280,8 +277,6 @@ COLOURS = {"red": (200, 30, 30), "orange": (245, 120, 10), "yellow": (240, 215, 
            "blue": (40, 80, 200), "purple": (120, 50, 160), "pink": (240, 130, 180), "black": (30, 30, 30),
            "teal": (20, 140, 140), "brown": (120, 70, 30)}
 PATTERNS = ["plain", "striped", "dotted", "checked", "zigzag", "argyle"]
-DEMO_CLASSES = (8, 8, 4)  # the demo draws from the first 8 garments, 8 colours and 4 patterns above
-DEMO_SIZES = {"train": 2000, "test": 200}
 # The domain's new attribute: a plain band along the garment's lower edge, in a colour no domain garment has.
 HEMS = {"white": (245, 245, 245), "black": (25, 25, 25), "red": (200, 30, 30), "blue": (40, 80, 200)}
 HEM_DEPTH = 0.125  # of the image height: 4 px at 32 px, twice a stripe, so a stripe is no hem
@@ -332,58 +327,15 @@ def render_garment(kind, colour, pattern, size, rng, hem=None, studio=False):
     return np.asarray(Image.fromarray(img).reduce(2))
 
 
-def demo_caption(kind, colour, pattern):
-    words = ["plain", colour, kind] if pattern == "plain" else [colour, pattern, kind]
-    article = "a pair of" if kind in ("trousers", "shoes", "shorts", "boots") else \
-        "an" if words[0][0] in "aeiou" else "a"
-    return " ".join([article, *words])
-
-
 def caption(label):
-    """The caption of a world or domain label: "a red striped dress", "... with a white hem"."""
+    """The caption of a world or demo label: "a red striped dress", "a pair of plain blue shoes", "... with a
+    white hem"."""
+    kind, colour, pattern = label["kind"], label["colour"], label["pattern"]
+    words = ["plain", colour, kind] if pattern == "plain" else [colour, pattern, kind]
+    pair = kind in ("trousers", "shoes", "shorts", "boots")
+    article = "a pair of" if pair else "an" if words[0][0] in "aeiou" else "a"
     hem = "" if label["hem"] == "none" else f" with a {label['hem']} hem"
-    return demo_caption(label["kind"], label["colour"], label["pattern"]) + hem
-
-
-class DemoDataset(Dataset):
-    """Synthetic garments: index -> the same image and caption every time; splits are disjoint."""
-
-    def __init__(self, split="train", size=64, seed=0):
-        self.split, self.size, self.seed = split, size, seed
-        self.n = sum(DEMO_SIZES.values()) if split is None else DEMO_SIZES[split]
-
-    def __len__(self):
-        return self.n
-
-    def _rng(self, i):  # train and test draw from separate seeded streams: disjoint by construction
-        n = DEMO_SIZES["train"]
-        test, j = (self.split == "test", i) if self.split else (i >= n, i - n * (i >= n))
-        return np.random.default_rng([self.seed, int(test), j])
-
-    @staticmethod
-    def _label(rng):
-        k, c, p = rng.integers(0, DEMO_CLASSES)
-        return list(SHAPES)[k], list(COLOURS)[c], PATTERNS[p]
-
-    def label(self, i):
-        """(kind, colour, pattern) of item i."""
-        return self._label(self._rng(i))
-
-    @property
-    def captions(self):
-        return [demo_caption(*self.label(i)) for i in range(self.n)]
-
-    def __getitem__(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        rng = self._rng(i)
-        label = self._label(rng)
-        return to_pixels(render_garment(*label, self.size, rng)), demo_caption(*label)
-
-    def report(self, token_lengths=None):
-        return [f"demo: {self.n} synthetic {self.split or 'all'} images at {self.size} px ({DEMO_CLASSES[0]} garments "
-                f"× {DEMO_CLASSES[1]} colours × {DEMO_CLASSES[2]} patterns, seed {self.seed})"] + \
-            long_caption_lines(self.captions, token_lengths)
+    return " ".join([article, *words]) + hem
 
 
 class WorldDataset(Dataset):
@@ -436,12 +388,11 @@ class WorldDataset(Dataset):
 
     def report(self, token_lengths=None):
         return [f"world: {self.n} synthetic {self.split or 'all'} images at {self.size} px ({len(SHAPES)} garments × "
-                f"{len(COLOURS)} colours × {len(PATTERNS)} patterns, light background, seed {self.seed})"] + \
-            long_caption_lines(self.captions, token_lengths)
+                f"{len(COLOURS)} colours × {len(PATTERNS)} patterns, light background, seed {self.seed})"]
 
 
 class DomainDataset(WorldDataset):
-    """A narrow slice of the world with a shift, to fine-tune on: only dresses, skirts and tops, on a
+    """`--data demo`: a narrow domain slice of the world with a shift, to fine-tune on: only dresses, skirts and tops, on a
     studio background (a grey gradient), with an attribute the world never shows, a hem of another
     colour, named in a longer caption: "a green striped dress with a white hem". Items come in groups
     of look-alikes, the same garment with each hem, so captions differ only in the hem."""
@@ -456,25 +407,23 @@ class DomainDataset(WorldDataset):
         return {"kind": DOMAIN_KINDS[k], "colour": DOMAIN_COLOURS[c], "pattern": PATTERNS[p], "hem": list(HEMS)[j % n]}
 
     def report(self, token_lengths=None):
-        return [f"domain: {self.n} synthetic {self.split or 'all'} images at {self.size} px ({', '.join(DOMAIN_KINDS)}"
+        return [f"demo: {self.n} synthetic {self.split or 'all'} images at {self.size} px ({', '.join(DOMAIN_KINDS)}"
                 f" × {len(DOMAIN_COLOURS)} colours × {len(PATTERNS)} patterns × {len(HEMS)} hems, studio background, "
-                f"seed {self.seed})"] + long_caption_lines(self.captions, token_lengths)
+                f"seed {self.seed})"]
 
 
 def open_dataset(name_or_dir, split="train", size=512, seed=0, root="data"):
-    """A preset name (fashion_woman, fashion_man, ecommerce_product: `root`/<name>/; demo, world,
-    domain: synthetic) or a folder.
+    """A preset name (fashion_woman, fashion_man, ecommerce_product: `root`/<name>/; world, and demo, the
+    world's narrow domain slice: synthetic) or a folder.
 
-    split: "train", "test" or None (all rows); world and domain also have "val". seed: the synthetic
+    split: "train", "test" or None (all rows); world and demo also have "val". seed: the synthetic
     sets' content, and a folder's split for rows whose metadata has no `split`. Raises DataError
     with a clear message.
     """
-    if name_or_dir in ("world", "domain"):
-        return {"world": WorldDataset, "domain": DomainDataset}[name_or_dir](split, size, seed)
+    if name_or_dir in ("world", "demo"):
+        return {"world": WorldDataset, "demo": DomainDataset}[name_or_dir](split, size, seed)
     if split not in ("train", "test", None):
         raise ValueError(f"split must be 'train', 'test' or None, not {split!r}")
-    if name_or_dir == "demo":
-        return DemoDataset(split, size, seed)
     path = Path(root) / name_or_dir if name_or_dir in PRESETS else Path(name_or_dir)
     if not path.is_dir():
         if name_or_dir in PRESETS:

@@ -161,7 +161,7 @@ def evaluate(judge, name, split="test", n=None):
 
 
 def report(judge, log=print):
-    for name in ("world", "domain"):
+    for name in ("world", "demo"):
         acc = evaluate(judge, name)
         log(f"{name} test ({len(open_dataset(name, 'test', size=RES))} real renders): "
             + "  ".join(f"{a} {100 * v:.1f}%" for a, v in acc.items()))

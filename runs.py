@@ -20,6 +20,7 @@ import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -86,7 +87,7 @@ def save_start(run, model, start, args):
     """Write `run.json`: where the run starts (`start`; a random start's weights go into `run/init/`) and
     its arguments."""
     run.mkdir(parents=True, exist_ok=True)
-    if "init" in start:  # random weights: keep them, they are the run's "pretrained" model
+    if "init" in start:  # a tiny run's start: keep it with the run, it is the run's "pretrained" model
         shutil.rmtree(run / start["init"], ignore_errors=True)
         model.save(run / start["init"])
     (run / "run.json").write_text(json.dumps({"start": start, "args": vars(args)}, indent=2))
@@ -99,6 +100,8 @@ def load_start(run):
         raise RunError(f"{run}/run.json not found: it records the model the run started from (the pretrained "
                        "side of the table and the CLIP-score judge); pass a checkpoint inside its run folder")
     start = json.loads((run / "run.json").read_text())["start"]
+    if "weights" in start:  # a tiny run from saved weights (the demo: the shipped pretrained tiny model)
+        return UniDiff.from_pretrained(run / start["init"]), f"pretrained {start['model']} ({start['weights']})"
     if "init" in start:
         return UniDiff.from_pretrained(run / start["init"]), f"{start['model']} initial weights ({run / start['init']})"
     return UniDiff.from_pretrained(start["sd"], clip=start["clip"]), f"pretrained {start['sd']} + {start['clip']}"
@@ -183,3 +186,9 @@ def save_grid(rows, path):
     tmp = path.with_suffix(".tmp.png")
     Image.fromarray(grid).save(tmp)
     os.replace(tmp, path)
+
+
+def load_row(path, n):
+    """A one-row grid PNG of n images (save_grid) -> uint8 (n, H, W, 3)."""
+    row = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())  # (H, n·W, 3)
+    return torch.stack(row.chunk(n, dim=1))

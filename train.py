@@ -35,19 +35,23 @@ from torch.utils.data import DataLoader
 from clip import Tokenizer
 from data import TEST_FRACTION, DataError, open_dataset
 from eval import embed, retrieval
-from runs import (RunError, autocast, checkpoints, latest_checkpoint, load_checkpoint, read_state, save_checkpoint,
-                  save_grid, save_start, swap_in, to_uint8)
+from runs import (RunError, autocast, checkpoints, latest_checkpoint, load_checkpoint, load_row, read_state,
+                  save_checkpoint, save_grid, save_start, swap_in, to_uint8)
 from unidiff import UniDiff
 from weights import WeightsError, pretrained
 
-# Defaults of a real fine-tune (SD 1.5 + CLIP-L at 512 px), and what the tiny model changes on any data:
-# random init (high learning rates) and CPU-sized (32 px, a few minutes). The help text is built from these.
+# Defaults of a real fine-tune (SD 1.5 + CLIP-L at 512 px); what the tiny model changes on any data: random
+# init (high learning rates) and CPU-sized (32 px, a few minutes); and what the demo changes: it fine-tunes the
+# shipped pretrained tiny model on the demo's narrow domain (lower learning rates) and measures what it forgets
+# on the broad world it was pretrained on. The help text is built from these.
 DEFAULTS = dict(data=None, model="sd15", weights=None, steps=2000, batch_size=16, out=None, save_every=500,
                 eval_every=250, seed=0, lambda_itc=1.0, lambda_is=1.0, lambda_rsc=0.1, rsc_t_max=500,
                 snr_gamma=None, caption_dropout=0.1,  # classifier-free guidance needs the empty caption trained
                 lr_unet=1e-5, lr_clip=1e-6, train="unet,text,vision", grad_accum=1, grad_ckpt=False, ema=0.0,
-                warmup=100, compile=False, workers=None, res=512, max_grad_norm=1.0, vae_steps=200)
+                warmup=100, compile=False, workers=None, res=512, max_grad_norm=1.0, vae_steps=200, ood_data=None)
 TINY = dict(steps=300, batch_size=32, res=32, lr_unet=2e-3, lr_clip=1e-3, save_every=100, eval_every=50, warmup=20)
+PRETRAINED_TINY = Path(__file__).resolve().parent / "assets" / "unidiff-tiny"  # made as the README says
+DEMO = dict(weights=str(PRETRAINED_TINY), steps=200, lr_unet=5e-4, lr_clip=2e-4, ood_data="world")
 LOG_EVERY = 10  # steps between progress lines (and NaN checks: the only host syncs)
 # Non-finite gradients in a row that stop the run: one odd batch is skipped and forgotten, but a whole
 # progress line of them means every batch now diverges (learning rate too high): skipping only burns time.
@@ -56,15 +60,17 @@ PROGRESS_EVERY = 5  # seconds between progress lines of long work without steps 
 SAMPLE = dict(n=8, steps=25, guidance=5.0)  # the validation grid: 8 test captions, 25 DDIM steps
 
 
-def defaults(model):
-    """The defaults of a run of `model`: the tiny model's apply on any data."""
-    return {**DEFAULTS, **(TINY if model == "tiny" else {}), "model": model}
+def defaults(model, data):
+    """The defaults of a run of `model` on `data`: the tiny model's apply on any data, the demo's on top."""
+    tiny = TINY if model == "tiny" else {}
+    return {**DEFAULTS, **tiny, **(DEMO if tiny and data == "demo" else {}), "model": model}
 
 
 def default_text(key):
-    """e.g. 'default 2000; tiny 300', from DEFAULTS and TINY: the help says what the code does."""
+    """e.g. 'default 2000; tiny 300; demo 200', from DEFAULTS, TINY and DEMO: the help says what the code does."""
     show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
-    return f"default {show(DEFAULTS[key])}" + (f"; tiny {show(TINY[key])}" if key in TINY else "")
+    return f"default {show(DEFAULTS[key])}" + "".join(f"; {name} {show(d[key])}" for name, d in
+                                                      (("tiny", TINY), ("demo", DEMO)) if key in d)
 
 
 def parse_args(argv=None):
@@ -75,10 +81,11 @@ def parse_args(argv=None):
         p.add_argument(flag, default=None, help=help, **kw)
     add("--data", "a preset (fashion_woman, fashion_man, ecommerce_product, demo) or a folder; a folder's test\n"
         f"split is its metadata's split column, else a seeded {TEST_FRACTION:.0%}% of its groups (see data.py)")
-    add("--model", "sd15: SD 1.5 + CLIP ViT-L/14; tiny: random, CPU-sized, with its own defaults\n"
+    add("--model", "sd15: SD 1.5 + CLIP ViT-L/14; tiny: CPU-sized, with its own defaults\n"
         "({default}; --data demo implies tiny)", choices=["sd15", "tiny"])
-    add("--weights", "folder of the pretrained weights, or an SD 1.x single-file .safetensors "
-        "(default: $UNIDIFF_WEIGHTS, else weights/)")
+    add("--weights", "sd15: folder of the pretrained weights, or an SD 1.x single-file .safetensors (default:\n"
+        "$UNIDIFF_WEIGHTS, else weights/); tiny: a saved UniDiff folder to start from (default: random weights,\n"
+        "the VAE fitted first; demo: this repo's assets/unidiff-tiny, the shipped pretrained tiny model)")
     add("--steps", "optimizer steps in all ({default})", type=int)
     add("--batch-size", "global batch per optimizer step, over all ranks and micro-steps ({default})", type=int)
     add("--out", "the run folder (default runs/<data>)")
@@ -108,17 +115,20 @@ def parse_args(argv=None):
     add("--res", "training resolution in pixels ({default})", type=int)
     add("--max-grad-norm", "clip the gradient norm to this ({default}; 0: no clipping)", type=float)
     add("--vae-steps", "tiny only: steps fitting its random VAE as an autoencoder first ({default})", type=int)
+    add("--ood-data", "validation also reports retrieval on this data's test split: what fine-tuning forgets\n"
+        "out of its domain (default none; demo world)")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if "resume" in given:  # the run's own arguments, then whatever was given again
         ckpt = latest_checkpoint(given["resume"])
         state = read_state(ckpt)
         # defaults first: a run saved before a flag existed gets that flag's default; new checkpoints go beside it
-        args = {**defaults(state["args"]["model"]), **state["args"], **given, "out": str(ckpt.parent)}
+        args = {**defaults(state["args"]["model"], state["args"]["data"]), **state["args"], **given,
+                "out": str(ckpt.parent)}
     else:
         if "data" not in given:
             p.error("--data is required (a preset, a folder, or demo), or --resume RUN_DIR")
         model = given.get("model", "tiny" if given["data"] == "demo" else DEFAULTS["model"])
-        args = {**defaults(model), **given}
+        args = {**defaults(model, given["data"]), **given}
         args["out"] = args["out"] or str(Path("runs") / Path(args["data"]).name)
         args["resume"] = None
     if not 0 <= args["caption_dropout"] <= 1:
@@ -189,7 +199,7 @@ def train(args):
     run = Path(args.out)
     micro = micro_batch(args, d.world)
     parts = trained_parts(args)
-    train_set, test_set = open_data(args, d)
+    train_set, test_set, ood_set = open_data(args, d)
     ckpt = resume_from(args, run)
     model = build_model(args, ckpt, run, train_set, d)
     prepare_model(model, parts, args, d)
@@ -205,7 +215,7 @@ def train(args):
 
     with StopSignal(d.ddp) as stop:
         if step == 0 and args.eval_every:
-            validate(model, params, ema, test_set, step, run, args, d)
+            validate(model, params, ema, test_set, ood_set, step, run, args, d)
         progress = Progress(d.device)
         while step < args.steps:
             factor = lr_factor(step, args.warmup, args.steps)
@@ -226,7 +236,7 @@ def train(args):
                 say(f"stopped at step {step}: continue with  python train.py --resume {run}")
                 return 128 + stopping  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
             if at_eval:
-                validate(model, params, ema, test_set, step, run, args, d)
+                validate(model, params, ema, test_set, ood_set, step, run, args, d)
             if at_save:
                 save(model, named, opt, ema, step, run, args, d)
             progress.t_line = time.time()  # validating and saving are not training time
@@ -293,9 +303,13 @@ def trained_parts(args):
 
 
 def open_data(args, d):
-    """(train split, test split or None); what was skipped, converted, truncated at 77 tokens is said once."""
-    splits = ("train", "test") if args.eval_every else ("train",)  # only validation reads the test rows
-    sets = {split: open_dataset(args.data, split, args.res) for split in splits}
+    """(train split, test split, --ood-data's test split); the test splits None when there is no validation.
+    What was skipped, converted, truncated at 77 tokens is said once."""
+    sets = {"train": open_dataset(args.data, "train", args.res)}
+    if args.eval_every:  # only validation reads the test rows
+        sets["test"] = open_dataset(args.data, "test", args.res)
+        if args.ood_data:
+            sets["out of domain test"] = open_dataset(args.ood_data, "test", args.res)
     if d.master:  # counted, never silent
         seen = set()
         for split, ds in sets.items():
@@ -303,7 +317,7 @@ def open_data(args, d):
                 if line not in seen:
                     say(f"data ({split}): {line}")
                     seen.add(line)
-    return sets["train"], sets.get("test")
+    return sets["train"], sets.get("test"), sets.get("out of domain test")
 
 
 def resume_from(args, run):
@@ -323,6 +337,9 @@ def build_model(args, ckpt, run, train_set, d):
     if ckpt is not None:
         say(f"resuming from {ckpt}")
         model = UniDiff.from_pretrained(ckpt)
+    elif args.model == "tiny" and args.weights:
+        model = UniDiff.from_pretrained(args.weights)
+        start = {"model": "tiny", "weights": str(args.weights), "init": "init"}
     elif args.model == "tiny":
         # v-prediction: a UNet trained for minutes predicts ε poorly at high noise, and x̂0 = (z_t − √(1-ᾱ) ε̂) / √ᾱ
         # multiplies that error by up to 15 (t = 999); sampling starts there. v keeps x̂0's error bounded.
@@ -524,23 +541,29 @@ class StopSignal:
 
 # ------------------------------------------------------------------------------ validation, checkpoints
 
-def validate(model, params, ema, test_set, step, run, args, d):
-    """Test retrieval and a grid of samples from test captions (with the EMA weights if any), on rank 0."""
+def validate(model, params, ema, test_set, ood_set, step, run, args, d):
+    """Test retrieval (and out of domain, with --ood-data) and a grid of samples from test captions: rows of
+    real images, the start model's samples (drawn at step 0) and the current model's; the EMA weights if any."""
     if d.master:
         model.eval()
         with swap_in(params, ema), autocast(d.device):
             picks = distinct(test_set.captions, SAMPLE["n"])
             say(f"step {step} | validation: embedding {len(test_set)} test pairs, then sampling "
                 f"{len(picks)} test captions ({SAMPLE['steps']} DDIM steps)")
-            img, txt = embed(model, test_set)
-            r = retrieval(img, txt, test_set.captions)
-            say(f"step {step} | test retrieval, {len(test_set)} pairs{' (EMA)' if ema else ''}: "
-                f"I→T R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} | "
-                f"T→I {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f} | chance R@1 {r['chance_r1']:.1f} (%)")
+            for name, ds in (("test", test_set), ("out of domain test", ood_set)):
+                if ds is not None:
+                    r = retrieval(*embed(model, ds), ds.captions)
+                    say(f"step {step} | {name} retrieval, {len(ds)} pairs{' (EMA)' if ema else ''}: "
+                        f"I→T R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} | "
+                        f"T→I {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f} | chance R@1 {r['chance_r1']:.1f} (%)")
             real = to_uint8(torch.stack([test_set[i][0] for i in picks]))
             gen = model.generate([test_set.captions[i] for i in picks], steps=SAMPLE["steps"],
                                  guidance=SAMPLE["guidance"], seed=0, height=args.res, width=args.res)
-        save_grid([real, gen], run / "samples" / f"step_{step:06d}.png")
+        start = run / "samples" / "start.png"  # the start model's row: drawn once, before training
+        if step == 0:
+            save_grid([gen], start)
+        rows = [real, load_row(start, len(picks)), gen] if step and start.is_file() else [real, gen]
+        save_grid(rows, run / "samples" / f"step_{step:06d}.png")
         model.train()
     d.barrier()
 

@@ -202,17 +202,7 @@ def test_a_split_without_rows_is_one_clear_error(tmp_path):
         data.open_dataset(root, "test", size=8)
 
 
-def test_demo_is_deterministic_and_its_classes_are_distinct():
-    ds = data.open_dataset("demo", "train", size=32)
-    test = data.open_dataset("demo", "test", size=32)
-    assert (len(ds), len(test)) == (2000, 200)
-    a, b = ds[7], data.open_dataset("demo", "train", size=32)[7]
-    assert torch.equal(a[0], b[0]) and a[1] == b[1]
-    assert not torch.equal(ds[0][0], test[0][0])
-    assert a[0].shape == (3, 32, 32) and -1 <= a[0].min() and a[0].max() <= 1
-    assert ds.captions[:20] == [ds[i][1] for i in range(20)]
-    assert len(set(ds.captions)) > 150  # most of the 8 × 8 × 4 classes appear
-    assert not torch.equal(data.open_dataset("demo", size=32, seed=1)[7][0], a[0])
+def test_renderer_draws_every_attribute_distinctly():
     # With the same pose, changing any one attribute changes many pixels, even at 32 px.
     def render(kind="dress", colour="blue", pattern="plain"):
         return data.render_garment(kind, colour, pattern, 32, np.random.default_rng(0)).astype(float)
@@ -221,19 +211,19 @@ def test_demo_is_deterministic_and_its_classes_are_distinct():
             assert np.abs(render(**{attribute: a}) - render(**{attribute: b})).mean() > 8, (a, b)
 
 
-def test_demo_pixels_separate_colours_by_nearest_neighbour():
+def test_world_pixels_separate_colours_by_nearest_neighbour():
     torch.manual_seed(0)
-    train, test = data.DemoDataset("train", 16), data.DemoDataset("test", 16)
-    xs = torch.stack([train[i][0] for i in range(300)]).flatten(1)
+    train, test = data.WorldDataset("train", 16), data.WorldDataset("test", 16)
+    xs = torch.stack([train[i][0] for i in range(2000)]).flatten(1)
     ys = torch.stack([test[i][0] for i in range(60)]).flatten(1)
     nearest = torch.cdist(ys, xs).argmin(1)
-    same_colour = [train.label(j)[1] == test.label(i)[1] for i, j in enumerate(nearest.tolist())]
-    assert sum(same_colour) / len(same_colour) > 0.5  # chance is 1/8
+    same_colour = [train.label(j)["colour"] == test.label(i)["colour"] for i, j in enumerate(nearest.tolist())]
+    assert sum(same_colour) / len(same_colour) > 0.3  # chance is 1/10; measured 0.55
 
 
 def test_dataloader_with_workers(tmp_path):
     metadata_folder(tmp_path / "set")
-    for ds in [data.open_dataset(tmp_path / "set", split=None, size=16), data.DemoDataset("test", 16)]:
+    for ds in [data.open_dataset(tmp_path / "set", split=None, size=16), data.open_dataset("demo", "test", 16)]:
         loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
         batches = list(loader)
         assert sum(len(c) for _, c in batches) == len(ds)
@@ -356,7 +346,7 @@ def garment_rows(img):
 
 
 def test_world_and_domain_are_deterministic_with_disjoint_splits():
-    for name, sizes in [("world", data.WorldDataset.sizes), ("domain", data.DomainDataset.sizes)]:
+    for name, sizes in [("world", data.WorldDataset.sizes), ("demo", data.DomainDataset.sizes)]:
         splits = {s: data.open_dataset(name, s, size=16) for s in ("train", "val", "test")}
         assert {s: len(ds) for s, ds in splits.items()} == sizes
         again = data.open_dataset(name, "test", size=16)
@@ -397,7 +387,7 @@ def test_world_labels_agree_with_captions_and_pixels():
 def test_domain_captions_name_the_hem_and_look_alikes_differ_only_in_it():
     assert not set(data.DOMAIN_COLOURS) & set(data.HEMS) and set(data.DOMAIN_KINDS) <= set(data.SHAPES)
     for split in ("train", "val", "test"):
-        ds = data.open_dataset("domain", split, size=32)
+        ds = data.open_dataset("demo", split, size=32)
         labels = [ds.label(i) for i in range(len(ds))]
         assert ds.captions == [data.caption(l) for l in labels]
         groups = {}

@@ -19,7 +19,7 @@ from weights import read_safetensors
 def run(tmp_path_factory):
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert train.main(["--data", "demo", "--res", "16", "--batch-size", "4", "--steps", "2", "--eval-every", "0",
+    assert train.main(["--data", "world", "--model", "tiny", "--res", "16", "--batch-size", "4", "--steps", "2", "--eval-every", "0",
                        "--ema", "0.5", "--vae-steps", "2", "--out", str(out)]) == 0
     return out
 

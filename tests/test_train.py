@@ -26,7 +26,7 @@ from test_data import metadata_folder
 from weights import read_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--data", "demo", "--res", "16", "--batch-size", "4", "--eval-every", "0", "--warmup", "2", "--vae-steps", "2"]
+TINY = ["--data", "world", "--model", "tiny", "--res", "16", "--batch-size", "4", "--eval-every", "0", "--warmup", "2", "--vae-steps", "2"]
 
 
 def weights(ckpt):
@@ -195,8 +195,10 @@ def test_tiny_defaults_apply_on_any_data():
     folder = train.parse_args(["--data", "my/folder", "--model", "tiny"])
     demo = train.parse_args(["--data", "demo"])
     for key, value in train.TINY.items():
-        assert getattr(folder, key) == getattr(demo, key) == value
+        assert getattr(folder, key) == value
+        assert getattr(demo, key) == train.DEMO.get(key, value)
     assert folder.model == demo.model == "tiny" and folder.res == 32 and folder.out == str(Path("runs/folder"))
+    assert folder.weights is None and Path(demo.weights) == train.PRETRAINED_TINY and demo.ood_data == "world"
     sd15 = train.parse_args(["--data", "demo", "--model", "sd15", "--steps", "7"])
     assert (sd15.res, sd15.lr_unet, sd15.steps) == (512, 1e-5, 7)  # tiny's defaults only for the tiny model
 
@@ -205,23 +207,28 @@ def test_help_states_the_defaults_the_code_uses(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     options = re.split(r"\n  (?=--)", capsys.readouterr().out.split("options:")[1])
-    run = {"sd15": vars(train.parse_args(["--data", "x"])), "tiny": vars(train.parse_args(["--data", "demo"]))}
+    run = {"sd15": vars(train.parse_args(["--data", "x"])), "tiny": vars(train.parse_args(["--data", "x", "--model", "tiny"])),
+           "demo": vars(train.parse_args(["--data", "demo"]))}
     def same(shown, value):
         return shown == str(value) or isinstance(value, (int, float)) and float(shown) == value
     checked = set()
     for text in options:
         text = " ".join(text.split())
         key = text.split()[0][2:].replace("-", "_")
-        m = re.search(r"\(default ([^;:)]+)(?:; (\w+) ([^;:)]+))?", text)
+        m = re.search(r"\(default ([^;:)]+)((?:; \w+ [^;:)]+)*)", text)
         if m is None or train.DEFAULTS.get(key) is None:  # e.g. --out, --workers: defaults in words
             continue
         assert same(m[1], run["sd15"][key]), text
+        shown = dict(part.split(" ", 1) for part in m[2].split("; ")[1:])  # e.g. {"tiny": "300", "demo": "200"}
         if key == "model":
             assert "--data demo implies tiny" in text
-        elif run["tiny"][key] != run["sd15"][key]:
-            assert m[2] == "tiny" and same(m[3], run["tiny"][key]), text
+            continue
+        for name, prev in (("tiny", "sd15"), ("demo", "tiny")):
+            if run[name][key] != run[prev][key]:
+                assert same(shown[name], run[name][key]), text
         checked.add(key)
     assert set(train.TINY) | {"lambda_rsc", "rsc_t_max", "caption_dropout", "max_grad_norm", "vae_steps"} <= checked
+    assert set(train.DEMO) - {"weights", "ood_data"} <= checked  # those two: defaults in words
 
 
 def test_snr_gamma_and_caption_dropout_reach_the_losses(tmp_path, monkeypatch):
