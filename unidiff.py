@@ -25,10 +25,18 @@ from weights import WeightsError, read_safetensors, save_safetensors
 log = logging.getLogger("unidiff")
 
 
-def sd_alphas_cumprod(n=1000, beta_start=0.00085, beta_end=0.012):
-    """SD's "scaled_linear" schedule, ᾱ_t = Π(1 − β), β = linspace(√0.00085, √0.012)², in float32 as diffusers."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+def sd_alphas_cumprod():
+    """SD's "scaled_linear" schedule, ᾱ_t = Π(1 − β), β = linspace(√0.00085, √0.012, 1000)², in float32 as diffusers."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
     return torch.cumprod(1 - betas, 0)
+
+
+def x0_and_eps(zt, out, a, v_prediction):
+    """The UNet's output `out` at z_t = √ᾱ z0 + √(1-ᾱ) ε, ᾱ = a -> its estimates (ẑ0, ε̂).
+    `out` is ε̂, or with v_prediction v̂ = √ᾱ ε − √(1-ᾱ) z0 (SD 2.x-v)."""
+    if v_prediction:
+        return a.sqrt() * zt - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * zt
+    return (zt - (1 - a).sqrt() * out) / a.sqrt(), out
 
 
 @torch.no_grad()
@@ -46,17 +54,16 @@ def ddim_sample(unet, latents, context, uncond, alphas_cumprod, steps, guidance,
     x = latents
     for t in [i * ratio + 1 for i in reversed(range(steps))]:  # 981, 961, ..., 1 for 50 steps
         out_u, out_c = unet(torch.cat([x, x]), torch.full((), t, device=x.device), ctx).float().chunk(2)
-        out = out_u + guidance * (out_c - out_u)
-        a, a_prev = ac[t], ac[t - ratio] if t >= ratio else ac[0]  # the last step lands on ᾱ_0, not 1
-        if v_prediction:
-            x0, eps = a.sqrt() * x - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * x
-        else:
-            x0, eps = (x - (1 - a).sqrt() * out) / a.sqrt(), out
-        std = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
+        out = out_u + guidance * (out_c - out_u)  # (B, 4, h, w)
+        a = ac[t]
+        a_prev = ac[t - ratio] if t >= ratio else ac[0]  # the last step lands on ᾱ_0, not 1
+        x0, eps = x0_and_eps(x, out, a, v_prediction)
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()  # the noise added back: 0 for eta = 0
+        dir_xt = (1 - a_prev - sigma**2).sqrt() * eps  # the direction pointing to x_t
+        x_prev = a_prev.sqrt() * x0 + dir_xt
         if eta > 0:
-            x = x + std * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-        x = x.to(latents.dtype)
+            x_prev = x_prev + sigma * torch.randn(x_prev.shape, generator=generator, dtype=x_prev.dtype).to(x.device)
+        x = x_prev.to(latents.dtype)
     return x
 
 
@@ -64,6 +71,40 @@ def clip_normalise(x01):
     """Images in [0, 1] (B, 3, H, W) -> CLIP's input normalisation."""
     mean, std = (torch.tensor(v, device=x01.device, dtype=x01.dtype).view(3, 1, 1) for v in (MEAN, STD))
     return (x01 - mean) / std
+
+
+class BatchDraws:
+    """This rank's share of a training batch's randomness. Every rank draws for the whole global batch (W·B rows)
+    and keeps its own B rows, so N DDP ranks equal one process on the same global batch (given equal generators).
+
+    From `generator`, a CPU torch.Generator, in this order: the seed of a device generator, then t and the caption
+    dropout on the host (choosing RSC's rows reads nothing back from the GPU); the VAE's posterior sample and ε
+    then come from the device generator. With no generator, all from torch's global RNG.
+    """
+
+    def __init__(self, generator, B, device):
+        rank = dist.get_rank() if world_size() > 1 else 0
+        self.n, self.mine = world_size() * B, slice(rank * B, (rank + 1) * B)  # the global batch's rows, this rank's
+        self.generator, self.device, self.device_generator = generator, device, None
+        if generator is not None:  # the first draw; t is the second (contrastive_cache redraws it)
+            seed = int(torch.randint(2**62, (), generator=generator))
+            self.device_generator = torch.Generator(device).manual_seed(seed)
+
+    def timesteps(self, T):
+        """t ~ U{0..T-1} for the global batch (W·B,), on the host: RSC counts its rows there."""
+        return torch.randint(0, T, (self.n,), generator=self.generator)
+
+    def dropout(self, p):
+        """Which of this rank's captions become "" (B,) bool, on the device: each with probability p."""
+        return self.to_device(torch.rand(self.n, generator=self.generator)[self.mine] < p)
+
+    def randn(self, shape):
+        """This rank's rows of an N(0, I) draw for the global batch -> (B, *shape) on the device."""
+        return torch.randn((self.n, *shape), generator=self.device_generator, device=self.device)[self.mine]
+
+    def to_device(self, x):
+        """A host tensor on the device, through pinned memory on CUDA so the copy does not block the host."""
+        return x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x.to(self.device)
 
 
 class UniDiff(nn.Module):
@@ -112,77 +153,71 @@ class UniDiff(nn.Module):
 
     def losses(self, pixels, ids, lambda_itc=1.0, lambda_is=1.0, lambda_rsc=0.1, t_max=500, p_uncond=0.1,
                snr_gamma=None, generator=None, cache=None, micro_step=0):
-        """pixels (B, 3, H, W) in [-1, 1] at the training resolution, ids (B, 77) -> dict(itc, is_, rsc, total).
-
-        A loss whose λ is 0 is not computed (its entry is 0). `generator`, a CPU torch.Generator, fixes the
-        randomness: t and the caption dropout are drawn from it on the host, so choosing RSC's rows reads
-        nothing back from the GPU; ε and the VAE sample come from a device generator seeded from it.
+        """pixels (B, 3, H, W) in [-1, 1] at the training resolution, ids (B, 77) -> dict(itc, is_, rsc, total),
+        as the README's "The losses" writes them. A loss whose λ is 0 is not computed (its entry is 0).
+        `generator`, a CPU torch.Generator, fixes the randomness (BatchDraws says what is drawn in which order).
 
         Gradient accumulation: `cache` is the step's `contrastive_cache` (made with the micro-steps' generators)
         and this is its micro-step `micro_step`; ITC and RSC then contrast against the whole step's batch.
         Under DDP and accumulation each entry is this rank's and micro-step's part: the mean over the parts of
         the entries, and of their gradients, is the whole step's (RSC's gradient but for the term losses.py names).
         """
-        B, dev = len(pixels), pixels.device
-        # Under DDP every rank draws the randomness of the whole global batch and keeps its own rows,
-        # so a run on N ranks equals one process with the same global batch (given equal generators).
-        W, r = world_size(), dist.get_rank() if world_size() > 1 else 0
-        K = 1 if cache is None else len(cache["txt"])
-        mine = slice(r * B, (r + 1) * B)
-        # the first draw; t is the second (contrastive_cache redraws it to count RSC's rows)
-        dev_gen = None if generator is None else \
-            torch.Generator(dev).manual_seed(int(torch.randint(2**62, (), generator=generator)))
-        randn = lambda shape: torch.randn((W * B, *shape), generator=dev_gen, device=dev)[mine]
-        to_dev = lambda x: x.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else x.to(dev)
-        zero = pixels.new_zeros(())
-        out = dict(itc=zero, is_=zero, rsc=zero)
+        B = len(pixels)
+        draws = BatchDraws(generator, B, pixels.device)
+        K = 1 if cache is None else len(cache["txt"])  # micro-steps in this optimizer step
         diffuse = lambda_is or lambda_rsc
         # one text pass serves all three losses; its extra row is the empty caption that dropped captions get
         hidden = self.clip.text_hidden(torch.cat([ids, self.empty_ids]) if diffuse else ids)  # (B[+1], 77, W)
         hidden, empty = hidden[:B], hidden[B:]
+        itc = is_ = rsc = pixels.new_zeros(())
         if lambda_itc or lambda_rsc:
             txt_emb = self.clip.pool_text(hidden, ids)  # (B, D)
-            txt_all = step_rows(txt_emb, None if cache is None else cache["txt"], micro_step)  # (K·W·B, D)
+            txt_all = step_rows(txt_emb, cache and cache["txt"], micro_step)  # (K·W·B, D): the step's captions
             real = self.clip_pixels(pixels)  # (B, 3, res, res)
-            res = real.shape[-1]
-        if lambda_itc:
-            img_emb = self.clip.encode_image(real)
-            img_all = step_rows(img_emb, None if cache is None else cache["img"], micro_step)  # (K·W·B, D)
-            # the whole step's ITC in every micro-step, this micro-step's rows' part of its gradient (× K: losses.py)
-            out["itc"] = itc_loss(grad_times(img_all, K), grad_times(txt_all, K), self.clip.logit_scale)
-        if diffuse:
-            t_all = torch.randint(0, len(self.alphas_cumprod), (W * B,), generator=generator)
-            t_host = t_all[mine]
-            drop = to_dev(torch.rand(W * B, generator=generator)[mine] < p_uncond)  # caption -> "" for CFG
-            t = to_dev(t_host)
-            with torch.no_grad():  # frozen VAE: the latents are data
-                mean, logvar = (v.float() for v in self.vae.encode(pixels))  # fp32 under autocast: z0, ε, IS target
-                z0 = self.vae.cfg.scaling_factor * (mean + (0.5 * logvar).exp() * randn(mean.shape[1:]))
-            noise = randn(z0.shape[1:])  # (B, 4, h, w)
-            a = self.alphas_cumprod[t].view(B, 1, 1, 1)
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        if lambda_itc:  # the whole step's ITC; this part's rows get their share of its gradient (× K: losses.py)
+            img_emb = self.clip.encode_image(real)  # (B, D)
+            img_all = step_rows(img_emb, cache and cache["img"], micro_step)  # (K·W·B, D)
+            itc = itc_loss(grad_times(img_all, K), grad_times(txt_all, K), self.clip.logit_scale)
+        if diffuse:  # IS: the UNet's ε̂ (or v̂) at z_t, its caption replaced by "" with probability p_uncond (CFG)
+            t_all = draws.timesteps(len(self.alphas_cumprod))  # (W·B,) on the host
+            t, drop = draws.to_device(t_all[draws.mine]), draws.dropout(p_uncond)  # (B,) each
+            z0, noise, zt = self.noised_latents(pixels, t, draws)  # (B, 4, h, w) each
             pred = self.unet(zt, t, torch.where(drop[:, None, None], empty, hidden))
             target = v_target(z0, noise, self.alphas_cumprod, t) if self.v_prediction else noise
-            out["is_"] = is_loss(pred, target, snr(self.alphas_cumprod, t), snr_gamma, self.v_prediction) \
-                if snr_gamma else is_loss(pred, target)
-        if lambda_rsc:
-            rows = (t_host < t_max).nonzero()[:, 0]  # on the host: no sync, R = len(rows) known
+            if snr_gamma:
+                is_ = is_loss(pred, target, snr(self.alphas_cumprod, t), snr_gamma, self.v_prediction)
+            else:
+                is_ = is_loss(pred, target)
+        if lambda_rsc:  # RSC: the R rows with t < t_max, real and generated in one step, against the step's captions
+            rows = (t_all[draws.mine] < t_max).nonzero()[:, 0]  # on the host: no sync, R = len(rows) known
             if len(rows):
-                sel = to_dev(rows)
-                a, zt_s, pred_s = a[sel], zt[sel], pred[sel].float()
-                z0_hat = a.sqrt() * zt_s - (1 - a).sqrt() * pred_s if self.v_prediction \
-                    else (zt_s - (1 - a).sqrt() * pred_s) / a.sqrt()  # one-step estimate (R, 4, h, w)
-                z0_hat = F.interpolate(z0_hat, size=(res // self.down,) * 2, mode="bilinear", antialias=True)
-                x_hat = self.vae.decode(z0_hat / self.vae.cfg.scaling_factor)  # (R, 3, res, res), grad flows to UNet
-                gen_emb = self.clip.encode_image(clip_normalise((x_hat + 1) / 2))
-                real_emb = img_emb[sel] if lambda_itc else self.clip.encode_image(real[sel])
+                sel = draws.to_device(rows)
+                gen_emb = self.clip.encode_image(self.one_step_images(zt[sel], pred[sel], t[sel], real.shape[-1]))
+                real_emb = img_emb[sel] if lambda_itc else self.clip.encode_image(real[sel])  # (R, D) each
             else:  # a zero still in the graph
                 real_emb = gen_emb = txt_emb.new_zeros(0, txt_emb.shape[1])
-            # this rank's and micro-step's rows, one of W·K parts of the step's RSC rows
-            n_rows = int((t_all < t_max).sum()) if cache is None else cache["rsc_rows"]  # host tensors: no sync
-            out["rsc"] = rsc_loss(real_emb, gen_emb, txt_all, self.clip.logit_scale, n=max(n_rows, 1) / (W * K))
-        out["total"] = lambda_itc * out["itc"] + lambda_is * out["is_"] + lambda_rsc * out["rsc"]
-        return out
+            # this part's rows are one of W·K parts of the step's RSC rows (host tensors: no sync)
+            n_rows = int((t_all < t_max).sum()) if cache is None else cache["rsc_rows"]
+            rsc = rsc_loss(real_emb, gen_emb, txt_all, self.clip.logit_scale, n=max(n_rows, 1) / (world_size() * K))
+        return dict(itc=itc, is_=is_, rsc=rsc, total=lambda_itc * itc + lambda_is * is_ + lambda_rsc * rsc)
+
+    def noised_latents(self, pixels, t, draws):
+        """IS's input: z0 = f · a sample of the frozen VAE's posterior, ε ~ N(0, I), z_t = √ᾱ_t z0 + √(1-ᾱ_t) ε
+        -> (z0, ε, z_t), each (B, 4, h, w) in fp32."""
+        with torch.no_grad():  # frozen VAE: the latents are data
+            mean, logvar = (v.float() for v in self.vae.encode(pixels))  # fp32 under autocast: z0, ε, IS target
+            z0 = self.vae.cfg.scaling_factor * (mean + (0.5 * logvar).exp() * draws.randn(mean.shape[1:]))
+        noise = draws.randn(z0.shape[1:])
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return z0, noise, a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+    def one_step_images(self, zt, pred, t, res):
+        """RSC's generated images: the UNet's one-step estimate ẑ0, decoded at CLIP's resolution `res` through the
+        frozen VAE (the gradient flows on into the UNet) -> CLIP's input (R, 3, res, res)."""
+        z0_hat, _ = x0_and_eps(zt, pred.float(), self.alphas_cumprod[t].view(-1, 1, 1, 1), self.v_prediction)
+        z0_hat = F.interpolate(z0_hat, size=(res // self.down,) * 2, mode="bilinear", antialias=True)  # (R, 4, h', w')
+        x_hat = self.vae.decode(z0_hat / self.vae.cfg.scaling_factor)  # (R, 3, res, res) in about [-1, 1]
+        return clip_normalise((x_hat + 1) / 2)
 
     @torch.no_grad()
     def contrastive_cache(self, micro_batches, generators, lambda_itc, lambda_rsc, t_max):
@@ -199,24 +234,22 @@ class UniDiff(nn.Module):
             txt.append(gather(self.clip.encode_text(ids)))
             if lambda_itc:
                 img.append(gather(self.clip.encode_image(self.clip_pixels(pixels))))
-            if lambda_rsc:
-                g = torch.Generator().set_state(g.get_state())
-                torch.randint(2**62, (), generator=g)  # as `losses` draws: the device generator's seed, then t
-                t = torch.randint(0, len(self.alphas_cumprod), (world_size() * len(ids),), generator=g)
-                rsc_rows += int((t < t_max).sum())
+            if lambda_rsc:  # the micro-step's t, as `losses` will draw it
+                draws = BatchDraws(torch.Generator().set_state(g.get_state()), len(ids), pixels.device)
+                rsc_rows += int((draws.timesteps(len(self.alphas_cumprod)) < t_max).sum())
         return dict(img=img, txt=txt, rsc_rows=rsc_rows)
 
     @torch.no_grad()
-    def generate(self, prompts, steps=50, guidance=7.5, seed=0, height=512, width=512, eta=0.0):
+    def generate(self, prompts, steps=50, guidance=7.5, seed=0, height=512, width=512):
         """Text -> images, uint8 (B, H, W, 3): DDIM with classifier-free guidance, then the VAE decoder."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        dev, dtype = self.alphas_cumprod.device, self.unet.conv_in.weight.dtype
+        dev, dtype = self.unet.conv_in.weight.device, self.unet.conv_in.weight.dtype  # the UNet's device and dtype
         ids = self.tokenizer(prompts).to(dev)
         g = torch.Generator().manual_seed(seed)  # on the CPU: the same images on every device
         shape = (len(prompts), self.unet.cfg.in_channels, height // self.down, width // self.down)
         latents = torch.randn(shape, generator=g).to(dev, dtype)
         z = ddim_sample(self.unet, latents, self.clip.text_hidden(ids), self.clip.text_hidden(self.empty_ids),
-                        self.alphas_cumprod, steps, guidance, eta, g, self.v_prediction)
+                        self.alphas_cumprod, steps, guidance, v_prediction=self.v_prediction)
         x = self.vae.decode(z / self.vae.cfg.scaling_factor).float()  # (B, 3, H, W) in about [-1, 1]
         return ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
