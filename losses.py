@@ -1,64 +1,24 @@
-"""The three UniDiff losses: ITC, IS and RSC (the README writes out their math). Pure functions of
-tensors, and how ITC and RSC see a batch larger than one micro-batch on one rank.
+"""The three UniDiff losses, ITC, IS and RSC (README, "The losses"): pure functions of tensors. Then how ITC and
+RSC see a batch larger than one rank's micro-batch.
 
-DDP (torch.distributed initialised, world > 1): `gather` collects the embeddings of every rank; its
-backward *sums* each gathered slice's gradient over ranks back to the rank that owns it. Every rank
-computes the same global ITC, so its local rows get world × their share of the gradient, and DDP's
-gradient averaging (÷ world) gives exactly the single-process gradient on the global batch. RSC's
-rows stay on their rank, against all the gathered captions: each rank returns its part (rsc_loss's n).
+DDP (world W > 1): `gather` concatenates every rank's embeddings; its backward sums each slice's gradient over
+the ranks into the rank that owns it. Every rank computes the same global ITC, so its rows get W × their
+gradient, and DDP's mean over ranks (÷ W) leaves the one-process gradient. RSC's rows stay on their rank,
+against all the captions: each rank returns its part (rsc_loss's n), and the mean of the parts is the whole.
 
-Gradient accumulation (K micro-steps per optimizer step, whose losses the loop averages): gradient
-caching. A no-grad pass first embeds all the step's micro-batches (UniDiff.contrastive_cache); each
-micro-step recomputes its own rows with gradient and puts them in their place among the cached ones
-(`step_rows`). ITC is then the whole step's loss in every micro-step, and the gradient reaching the
-live rows is their part of its gradient: `grad_times` multiplies that by K against the loop's 1/K
-(not logit_scale's, which is whole in every micro-step). RSC's rows are each micro-step's own, against
-all the step's captions: again a part. Its one inexact term: a caption's gradient from the RSC rows of
-*other* micro-steps is left out (it needs their generated images: a no-grad UNet + decode + CLIP pass,
-a fifth more step time); every other gradient, and every loss value, is the whole step's.
+Gradient accumulation (K micro-steps whose losses the loop averages) is gradient caching: a no-grad pass first
+embeds the whole step's batch (UniDiff.contrastive_cache), and each micro-step puts its own rows, with gradient,
+in their place among the cached ones (`step_rows`). ITC is then the whole step's in every micro-step: `grad_times`
+scales the gradient reaching the live rows by K against the loop's 1/K (logit_scale is live in every micro-step:
+K × 1/K of its whole gradient). RSC's rows are each micro-step's part, as under DDP. All is exact but one term:
+a caption's RSC gradient from the rows of *other* micro-steps (it needs their generated images: a no-grad UNet +
+decode + CLIP pass, 20 % more step time on the tiny model).
 """
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class _Gather(torch.autograd.Function):
-    """all_gather whose backward sums each slice's gradient over ranks and returns the own slice."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's loss touched our rows: add their gradients up
-        return grad.chunk(dist.get_world_size(), 0)[dist.get_rank()]
-
-
-def gather(x):
-    """(b, D) on each rank -> (world·b, D), rank-major, differentiable (see module docstring)."""
-    return x if world_size() == 1 else _Gather.apply(x)
-
-
-def step_rows(x, cache=None, k=0):
-    """This rank's rows x (b, D) -> the rows ITC and RSC contrast: gathered over ranks (W·b, D), and with a
-    cache (the step's K micro-batches' rows without gradient, K × (W·b, D)) put in place k among them (K·W·b, D)."""
-    x = gather(x)
-    return x if cache is None else torch.cat([*cache[:k], x, *cache[k + 1:]])
-
-
-def grad_times(x, k):
-    """x, whose gradient is multiplied by k; its value stays x exactly (x - x.detach() is exactly 0)."""
-    return x if k == 1 else x.detach() + k * (x - x.detach())
 
 
 def logits(a, b, logit_scale):
@@ -117,12 +77,11 @@ def rsc_loss(real_emb, gen_emb, txt_emb, logit_scale, n=None):
         P = softmax(s · v uᵀ), P̂ = softmax(s · v̂ uᵀ)   (R, B), rows sum to 1
         RSC = 1/n Σ_rows [ ½ KL(sg(P) ‖ P̂) + ½ KL(sg(P̂) ‖ P) ],  KL(p‖q) = Σ_j p_j (log p_j − log q_j)
 
-    sg = stop-gradient: the first term trains the generated image (and the captions) towards
-    CLIP's reading of the real one, the second the real image (and the captions) towards the
-    generated one. n defaults to R: the mean over the rows. A part of a larger batch (one rank's,
-    one micro-step's rows) passes the whole batch's row count divided by the number of parts, so
-    that the mean of the parts' losses, and of their gradients, is the whole batch's mean over rows.
-    R may be 0 (then the loss is 0, still a tensor in the graph).
+    sg = stop-gradient: the first term trains the generated image (and the captions) towards CLIP's reading of
+    the real one, the second the real image (and the captions) towards the generated one. n defaults to R (the
+    mean over the rows); a part of a larger batch (a rank's, a micro-step's rows) passes the whole batch's row
+    count ÷ the number of parts, so that the mean of the parts, and of their gradients, is the whole batch's.
+    R may be 0 (the loss is then 0, still a tensor in the graph).
     """
     txt_emb = txt_emb.float()  # once: the two terms' gradients into it nearly cancel, so they add up in fp32
     logp = F.log_softmax(logits(real_emb, txt_emb, logit_scale), dim=-1)  # (R, B), fp32
@@ -130,3 +89,43 @@ def rsc_loss(real_emb, gen_emb, txt_emb, logit_scale, n=None):
     p, q = logp.exp(), logq.exp()
     kl = (p.detach() * (logp.detach() - logq)).sum(-1) + (q.detach() * (logq.detach() - logp)).sum(-1)
     return 0.5 * kl.sum() / (n or len(kl) or 1)
+
+
+# ---- a batch larger than one micro-batch on one rank (DDP, gradient accumulation) ----
+
+def world_size():
+    """W, the number of DDP processes (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _Gather(torch.autograd.Function):
+    """all_gather whose backward sums each slice's gradient over ranks and returns the own slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss touched our rows: add their gradients up
+        return grad.chunk(dist.get_world_size(), 0)[dist.get_rank()]
+
+
+def gather(x):
+    """(b, D) on each rank -> (world·b, D), rank-major, differentiable (see module docstring)."""
+    return x if world_size() == 1 else _Gather.apply(x)
+
+
+def step_rows(x, cache=None, k=0):
+    """This rank's rows x (b, D) -> the rows ITC and RSC contrast: gathered over ranks (W·b, D), and with a
+    cache (the step's K micro-batches' rows without gradient, K × (W·b, D)) put in place k among them (K·W·b, D)."""
+    x = gather(x)
+    return x if cache is None else torch.cat([*cache[:k], x, *cache[k + 1:]])
+
+
+def grad_times(x, k):
+    """x, whose gradient is multiplied by k; its value stays x exactly (x - x.detach() is exactly 0)."""
+    return x if k == 1 else x.detach() + k * (x - x.detach())
