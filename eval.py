@@ -14,10 +14,12 @@ FD and collapse need at least 2 images (a covariance, a pair), so --n and the te
   so a run cannot raise its own score by bending its CLIP.
 - FD: Fréchet distance between the judge's image features of generated and real test images
   (FID's formula on CLIP features; biased upward for few images, so compare equal --n only).
-- Collapse: mean pairwise cosine of the test images' embeddings under each model's CLIP;
-  fine-tuning on a small dataset pushes it up (everything looks alike to the model).
+- Collapse, three views of the test images' embeddings under each model's CLIP: their mean pairwise
+  cosine (fine-tuning on a small dataset pushes it up: everything looks alike to the model), their
+  effective rank (RankMe: how many directions they use) and their uniformity on the sphere.
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -94,6 +96,22 @@ def collapse(img):
     return ((img @ img.T).sum() - n).item() / (n * (n - 1))
 
 
+def rankme(img):
+    """Effective rank of embeddings (N, D) (RankMe, Garrido et al. 2023): exp of the entropy of the normalised
+    singular values; D when every direction is used alike, 1 when all embeddings lie on one line."""
+    s = torch.linalg.svdvals(img.double())
+    p = s / s.sum() + 1e-12
+    return (-(p * p.log()).sum()).exp().item()
+
+
+def uniformity(img):
+    """log mean exp(−2 ‖x_i − x_j‖²) over pairs i ≠ j of normalised embeddings (Wang & Isola 2020): lower is
+    more uniform on the sphere; 0 when all coincide."""
+    d2 = torch.cdist(img.double(), img.double()).pow(2)
+    off = ~torch.eye(len(img), dtype=torch.bool)
+    return torch.logsumexp(-2 * d2[off], 0).item() - math.log(off.sum().item())
+
+
 @torch.no_grad()
 def generate(model, prompts, steps, guidance, seed, res, batch):
     out = [model.generate(prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i, height=res, width=res)
@@ -112,14 +130,15 @@ def evaluate(model, judge, test_set, args):
     gen_feat = embed_images(judge, gen.permute(0, 3, 1, 2).float() / 127.5 - 1)
     row["clip_score"] = clip_score(gen_feat, embed_texts(judge, prompts))
     row["fd"] = frechet(gen_feat, embed_images(judge, real))
-    row["collapse"] = collapse(img)
+    row["collapse"], row["rankme"], row["uniformity"] = collapse(img), rankme(img), uniformity(img)
     return row
 
 
 ROWS = [("I→T R@1", "i2t_r1", "{:.1f}"), ("I→T R@5", "i2t_r5", "{:.1f}"), ("I→T R@10", "i2t_r10", "{:.1f}"),
         ("T→I R@1", "t2i_r1", "{:.1f}"), ("T→I R@5", "t2i_r5", "{:.1f}"), ("T→I R@10", "t2i_r10", "{:.1f}"),
         ("CLIP score ↑", "clip_score", "{:.2f}"), ("FD (CLIP features) ↓", "fd", "{:.4g}"),
-        ("collapse: mean pairwise cos ↓", "collapse", "{:.3f}")]
+        ("collapse: mean pairwise cos ↓", "collapse", "{:.3f}"), ("collapse: RankMe (effective rank) ↑", "rankme", "{:.1f}"),
+        ("collapse: uniformity ↓", "uniformity", "{:.2f}")]
 
 
 def table(columns):

@@ -16,6 +16,7 @@ the attributes rather than the renderer's exact pixels; shipped as assets/judge.
 """
 import argparse
 import json
+from pathlib import Path
 import math
 import sys
 import time
@@ -29,6 +30,7 @@ from safetensors import safe_open
 from data import COLOURS, DOMAIN_COLOURS, DOMAIN_KINDS, HEMS, PATTERNS, SHAPES, open_dataset, render_garment
 from weights import load_strict, read_safetensors, save_safetensors
 
+SHIPPED = Path(__file__).resolve().parent / "assets" / "judge.safetensors"  # wherever the command runs from
 RES = 32  # the tiny UniDiff's resolution (the demo's --res): other sizes are resized to it
 CLASSES = {"kind": list(SHAPES), "colour": list(COLOURS), "pattern": PATTERNS, "hem": ["none", *HEMS]}
 
@@ -72,7 +74,7 @@ def as_pixels(images):
     return images.float()
 
 
-def load_judge(path="assets/judge.safetensors"):
+def load_judge(path=SHIPPED):
     """The frozen judge in eval mode; its classes come from the file."""
     with safe_open(str(path), framework="pt") as f:
         classes = json.loads(f.metadata()["classes"])
@@ -176,7 +178,7 @@ def main(argv=None):
     tr.add_argument("--renders", type=int, default=30_000, help="images rendered to train on (default: %(default)s)")
     tr.add_argument("--seed", type=int, default=0, help="init, renders and augmentation (default: %(default)s)")
     ev = commands.add_parser("eval", help="a judge's per-attribute accuracy on the world and domain test splits")
-    ev.add_argument("--judge", default="assets/judge.safetensors", help="the judge file (default: %(default)s)")
+    ev.add_argument("--judge", default=SHIPPED, help="the judge file (default: the shipped assets/judge.safetensors)")
     args = parser.parse_args(argv)
     if args.command == "train":
         # One thread: on a busy 2-core machine this small net trained 5x faster than on two (measured),

@@ -70,7 +70,7 @@ def is_loss(pred, target, snr=None, gamma=None, v_prediction=False):
     return (w * per_sample).mean()
 
 
-def rsc_loss(real_emb, gen_emb, txt_emb, logit_scale, n=None):
+def rsc_loss(real_emb, gen_emb, txt_emb, logit_scale, n=None, one_way=False):
     """Reciprocal semantic consistency over R rows (the samples with t < t_max) against all the captions.
 
         v = n(real_emb) (R, D), v̂ = n(gen_emb) (R, D), u = n(txt_emb) (B, D): all captions
@@ -78,7 +78,8 @@ def rsc_loss(real_emb, gen_emb, txt_emb, logit_scale, n=None):
         RSC = 1/n Σ_rows [ ½ KL(sg(P) ‖ P̂) + ½ KL(sg(P̂) ‖ P) ],  KL(p‖q) = Σ_j p_j (log p_j − log q_j)
 
     sg = stop-gradient: the first term trains the generated image (and the captions) towards CLIP's reading of
-    the real one, the second the real image (and the captions) towards the generated one. n defaults to R (the
+    the real one, the second the real image (and the captions) towards the generated one; `one_way` keeps the
+    first term alone (only the generated side learns: an ablation of the reciprocity). n defaults to R (the
     mean over the rows); a part of a larger batch (a rank's, a micro-step's rows) passes the whole batch's row
     count ÷ the number of parts, so that the mean of the parts, and of their gradients, is the whole batch's.
     R may be 0 (the loss is then 0, still a tensor in the graph).
@@ -87,7 +88,9 @@ def rsc_loss(real_emb, gen_emb, txt_emb, logit_scale, n=None):
     logp = F.log_softmax(logits(real_emb, txt_emb, logit_scale), dim=-1)  # (R, B), fp32
     logq = F.log_softmax(logits(gen_emb, txt_emb, logit_scale), dim=-1)   # (R, B)
     p, q = logp.exp(), logq.exp()
-    kl = (p.detach() * (logp.detach() - logq)).sum(-1) + (q.detach() * (logq.detach() - logp)).sum(-1)
+    kl = (p.detach() * (logp.detach() - logq)).sum(-1)  # KL(sg(P) ‖ P̂): the generated image learns
+    if not one_way:
+        kl = kl + (q.detach() * (logq.detach() - logp)).sum(-1)  # KL(sg(P̂) ‖ P): the real image learns
     return 0.5 * kl.sum() / (n or len(kl) or 1)
 
 

@@ -47,8 +47,8 @@ from weights import WeightsError, pretrained
 DEFAULTS = dict(data=None, model="sd15", weights=None, steps=2000, batch_size=16, out=None, save_every=500,
                 eval_every=250, seed=0, lambda_itc=1.0, lambda_is=1.0, lambda_rsc=0.1, rsc_t_max=500,
                 snr_gamma=None, caption_dropout=0.1,  # classifier-free guidance needs the empty caption trained
-                lr_unet=1e-5, lr_clip=1e-6, train="unet,text,vision", grad_accum=1, grad_ckpt=False, ema=0.0,
-                warmup=100, compile=False, workers=None, res=512, max_grad_norm=1.0, vae_steps=200, ood_data=None)
+                rsc_one_way=False, lr_unet=1e-5, lr_clip=1e-6, train="unet,text,vision", grad_accum=1, grad_ckpt=False,
+                ema=0.0, warmup=100, compile=False, workers=None, res=512, max_grad_norm=1.0, vae_steps=200, ood_data=None)
 TINY = dict(steps=300, batch_size=32, res=32, lr_unet=2e-3, lr_clip=1e-3, save_every=100, eval_every=50, warmup=20)
 PRETRAINED_TINY = Path(__file__).resolve().parent / "assets" / "unidiff-tiny"  # made as the README says
 DEMO = dict(weights=str(PRETRAINED_TINY), steps=200, lr_unet=5e-4, lr_clip=2e-4, ood_data="world")
@@ -97,6 +97,8 @@ def parse_args(argv=None):
     add("--lambda-is", "weight of the image-synthesis (diffusion) loss ({default})", type=float)
     add("--lambda-rsc", "weight of the reciprocal semantic consistency loss ({default})", type=float)
     add("--rsc-t-max", "RSC uses the samples with timestep t < this ({default})", type=int)
+    add("--rsc-one-way", "RSC's first KL term alone: only the generated image learns from it (an ablation)",
+        action="store_const", const=True)
     add("--snr-gamma", "min-SNR-γ weighting of the diffusion loss, e.g. 5 (default: none, the plain MSE)", type=float)
     add("--caption-dropout", "probability of training a sample on the empty caption ({default})", type=float)
     add("--lr-unet", "peak learning rate of the UNet ({default})", type=float)
@@ -435,7 +437,7 @@ def forward_backward(net, model, batches, step, args, d):
             with autocast(d.device):
                 out = net(pixels, ids, generator=gens[a], cache=cache, micro_step=a, lambda_itc=args.lambda_itc,
                           lambda_is=args.lambda_is, lambda_rsc=args.lambda_rsc, t_max=args.rsc_t_max,
-                          snr_gamma=args.snr_gamma, p_uncond=args.caption_dropout)
+                          snr_gamma=args.snr_gamma, p_uncond=args.caption_dropout, rsc_one_way=args.rsc_one_way)
             (out["total"] / args.grad_accum).backward()
         losses += torch.stack([out[k].detach().float() for k in ("itc", "is_", "rsc", "total")]) / args.grad_accum
     return losses

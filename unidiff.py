@@ -152,9 +152,10 @@ class UniDiff(nn.Module):
                 m.compile(**kwargs)
 
     def losses(self, pixels, ids, lambda_itc=1.0, lambda_is=1.0, lambda_rsc=0.1, t_max=500, p_uncond=0.1,
-               snr_gamma=None, generator=None, cache=None, micro_step=0):
+               snr_gamma=None, rsc_one_way=False, generator=None, cache=None, micro_step=0):
         """pixels (B, 3, H, W) in [-1, 1] at the training resolution, ids (B, 77) -> dict(itc, is_, rsc, total),
-        as the README's "The losses" writes them. A loss whose λ is 0 is not computed (its entry is 0).
+        as the README's "The losses" writes them. A loss whose λ is 0 is not computed (its entry is 0);
+        `rsc_one_way`: RSC's first KL term alone (losses.rsc_loss).
         `generator`, a CPU torch.Generator, fixes the randomness (BatchDraws says what is drawn in which order).
 
         Gradient accumulation: `cache` is the step's `contrastive_cache` (made with the micro-steps' generators)
@@ -198,7 +199,8 @@ class UniDiff(nn.Module):
                 real_emb = gen_emb = txt_emb.new_zeros(0, txt_emb.shape[1])
             # this part's rows are one of W·K parts of the step's RSC rows (host tensors: no sync)
             n_rows = int((t_all < t_max).sum()) if cache is None else cache["rsc_rows"]
-            rsc = rsc_loss(real_emb, gen_emb, txt_all, self.clip.logit_scale, n=max(n_rows, 1) / (world_size() * K))
+            rsc = rsc_loss(real_emb, gen_emb, txt_all, self.clip.logit_scale, n=max(n_rows, 1) / (world_size() * K),
+                           one_way=rsc_one_way)
         return dict(itc=itc, is_=is_, rsc=rsc, total=lambda_itc * itc + lambda_is * is_ + lambda_rsc * rsc)
 
     def noised_latents(self, pixels, t, draws):

@@ -104,6 +104,13 @@ def test_rsc_equals_naive_formula_and_stop_gradients():
     assert torch.allclose(g.grad, g1.grad, atol=1e-6) and g.grad.abs().max() > 0
     assert torch.allclose(t.grad, t1.grad + t2.grad, atol=1e-6)
     assert torch.allclose(ls.grad, ls1.grad + ls2.grad, atol=1e-6)
+    # One-way: the first term alone, the real image untouched
+    r, g, t, ls = leaves()
+    one = rsc_loss(r, g, t, ls, one_way=True)
+    assert abs(one.item() - first) < 1e-6
+    one.backward()
+    assert r.grad is None and torch.allclose(g.grad, g1.grad, atol=1e-6)  # no gradient reaches the real image
+    assert torch.allclose(t.grad, t1.grad, atol=1e-6) and torch.allclose(ls.grad, ls1.grad, atol=1e-6)
     # No rows selected: a zero that is still a tensor in the graph
     z = rsc_loss(torch.zeros(0, 8), torch.zeros(0, 8), t, ls)
     assert z.item() == 0 and z.requires_grad

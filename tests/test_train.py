@@ -239,9 +239,9 @@ def test_snr_gamma_and_caption_dropout_reach_the_losses(tmp_path, monkeypatch):
         return real(self, *a, **kw)
     monkeypatch.setattr(train.UniDiff, "losses", losses)
     torch.manual_seed(0)
-    assert train.main(TINY + ["--steps", "1", "--snr-gamma", "5", "--caption-dropout", "0.3",
+    assert train.main(TINY + ["--steps", "1", "--snr-gamma", "5", "--caption-dropout", "0.3", "--rsc-one-way",
                               "--out", str(tmp_path / "r")]) == 0
-    assert seen and all(kw["snr_gamma"] == 5 and kw["p_uncond"] == 0.3 for kw in seen)
+    assert seen and all(kw["snr_gamma"] == 5 and kw["p_uncond"] == 0.3 and kw["rsc_one_way"] for kw in seen)
 
 
 def test_fit_vae_shows_progress(monkeypatch):

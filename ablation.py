@@ -1,0 +1,195 @@
+"""The claim in miniature: fine-tune the shipped pretrained tiny UniDiff on the demo's narrow domain with
+each combination of the losses, and measure what each does in the domain, out of it (forgetting), to the
+embedding space (collapse) and to generation (read by a frozen judge).
+
+    python ablation.py --plot assets/ablation.png          # the protocol in the README (test splits)
+    python ablation.py --split val --arms ITC+IS --seeds 0 --lr-clip 1e-4   # choosing it: validation only
+
+Each arm is `train.py --data demo` with its loss weights, the same data, steps, learning rates and seeds;
+"pretrained" is the start model itself. Retrieval is measured at every checkpoint (a curve over steps),
+everything else at the end. Writes OUT/results.json (every figure of every run), OUT/results.md (mean ±
+std over seeds) and a plot.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import train
+from data import open_dataset
+from eval import clip_score, collapse, embed, embed_images, embed_texts, frechet, generate, rankme, retrieval, uniformity
+from judge import load_judge
+from runs import checkpoints, load_model
+from unidiff import UniDiff
+
+# λ_itc, λ_is, λ_rsc and RSC's variant per arm; the rest of the fine-tune is the demo's (train.py DEMO).
+ARMS = {
+    "pretrained": None,
+    "ITC": dict(lambda_itc=1, lambda_is=0, lambda_rsc=0),
+    "IS": dict(lambda_itc=0, lambda_is=1, lambda_rsc=0),
+    "ITC+IS": dict(lambda_itc=1, lambda_is=1, lambda_rsc=0),
+    "ITC+IS+RSC": dict(lambda_itc=1, lambda_is=1, lambda_rsc=0.1),
+    "ITC+IS+RSC one-way": dict(lambda_itc=1, lambda_is=1, lambda_rsc=0.1, rsc_one_way=True),
+    "ITC+IS+RSC λ=1": dict(lambda_itc=1, lambda_is=1, lambda_rsc=1.0),
+}
+SAMPLE = train.SAMPLE  # generation as validation draws it: DDIM steps and guidance
+
+
+def fine_tune(arm, seed, args):
+    """Run train.py for one arm and seed; -> its run folder."""
+    out = Path(args.out) / "runs" / arm.replace(" ", "_") / f"seed{seed}"
+    flags = ["--data", "demo", "--out", str(out), "--seed", str(seed), "--steps", str(args.steps),
+             "--save-every", str(args.every), "--eval-every", "0", "--lr-unet", str(args.lr_unet),
+             "--lr-clip", str(args.lr_clip)]
+    for k, v in ARMS[arm].items():
+        flags += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
+    if train.main(flags) != 0:
+        raise SystemExit(f"{arm}, seed {seed}: train.py failed (flags {' '.join(flags)})")
+    return out
+
+
+@torch.no_grad()
+def retrieval_r1(model, domain, world):
+    """R@1 (%) both ways in the domain and out of it (the broad world)."""
+    r_in, r_out = (retrieval(*embed(model, ds), ds.captions) for ds in (domain, world))
+    return dict(in_i2t_r1=r_in["i2t_r1"], in_t2i_r1=r_in["t2i_r1"], out_i2t_r1=r_out["i2t_r1"],
+                out_t2i_r1=r_out["t2i_r1"])
+
+
+@torch.no_grad()
+def final_measures(model, start, judge, domain, world, args):
+    """Everything at the end of a fine-tune: retrieval, collapse, and generation from the domain's captions."""
+    img, txt = embed(model, domain)
+    r = {f"in_{k}": v for k, v in retrieval(img, txt, domain.captions).items() if k != "chance_r1"}
+    r.update({k: v for k, v in retrieval_r1(model, domain, world).items() if k.startswith("out_")})
+    r.update(cos=collapse(img), rankme=rankme(img), uniformity=uniformity(img))
+    n = min(args.n_gen, len(domain))
+    prompts = domain.captions[:n]
+    gen = generate(model, prompts, SAMPLE["steps"], SAMPLE["guidance"], 0, args.res, 50)  # uint8 (n, H, W, 3)
+    r.update({f"judge_{a}": 100 * v for a, v in judge.accuracy(gen, [domain.label(i) for i in range(n)]).items()})
+    feat = embed_images(start, gen.permute(0, 3, 1, 2).float() / 127.5 - 1)  # the pretrained CLIP judges
+    r["clip_score"] = clip_score(feat, embed_texts(start, prompts))
+    r["fd"] = frechet(feat, embed_images(start, torch.stack([domain[i][0] for i in range(n)])))
+    return r
+
+
+def summary(results):
+    """{arm: {measure: (mean, std over seeds)}} of the final measures."""
+    def mean_std(xs):
+        t = torch.tensor(xs, dtype=torch.float64)
+        return t.mean().item(), t.std().item() if len(xs) > 1 else 0.0
+    return {arm: {k: mean_std([s["final"][k] for s in seeds.values()]) for k in next(iter(seeds.values()))["final"]}
+            for arm, seeds in results.items()}
+
+
+COLUMNS = [  # (header, measure, format): two tables, retrieval and embedding space, then generation
+    [("in I→T R@1", "in_i2t_r1", "{:.1f}"), ("in T→I R@1", "in_t2i_r1", "{:.1f}"), ("in I→T R@5", "in_i2t_r5", "{:.1f}"),
+     ("in T→I R@5", "in_t2i_r5", "{:.1f}"), ("in I→T R@10", "in_i2t_r10", "{:.1f}"), ("in T→I R@10", "in_t2i_r10", "{:.1f}"),
+     ("out I→T R@1", "out_i2t_r1", "{:.1f}"), ("out T→I R@1", "out_t2i_r1", "{:.1f}"),
+     ("mean cos ↓", "cos", "{:.3f}"), ("RankMe ↑", "rankme", "{:.1f}"), ("uniformity ↓", "uniformity", "{:.2f}")],
+    [("judge kind", "judge_kind", "{:.1f}"), ("judge colour", "judge_colour", "{:.1f}"),
+     ("judge pattern", "judge_pattern", "{:.1f}"), ("judge hem", "judge_hem", "{:.1f}"),
+     ("CLIP score ↑", "clip_score", "{:.2f}"), ("FD ↓", "fd", "{:.3f}")],
+]
+
+
+def markdown(summ):
+    tables = []
+    for cols in COLUMNS:
+        lines = ["| arm | " + " | ".join(h for h, _, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for arm, m in summ.items():
+            cells = [(f + " ± " + f).format(*m[k]) if m[k][1] else f.format(m[k][0]) for _, k, f in cols]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
+def plot(results, path):
+    """In-domain and out-of-domain R@1 (mean of both directions) over steps, one line per arm, seed spread."""
+    import matplotlib  # optional: only the plot needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for arm, seeds in results.items():
+        if arm == "pretrained":
+            continue
+        for ax, side in zip(axes, ("in", "out")):
+            curves = [[(c[f"{side}_i2t_r1"] + c[f"{side}_t2i_r1"]) / 2 for c in s["curve"]] for s in seeds.values()]
+            steps = [c["step"] for c in next(iter(seeds.values()))["curve"]]
+            t = torch.tensor(curves)
+            mean, lo, hi = t.mean(0), t.min(0).values, t.max(0).values
+            line, = ax.plot(steps, mean, label=arm)
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+    for ax, title in zip(axes, ("in domain (demo test): R@1, mean of I→T and T→I", "out of domain (world test): R@1")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("R@1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    demo = train.defaults("tiny", "demo")
+    p = argparse.ArgumentParser(description="Fine-tune the pretrained tiny UniDiff per loss arm; measure each.")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from: {', '.join(ARMS)} (default: all)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: data order and noise (default 0,1,2)")
+    p.add_argument("--steps", type=int, default=demo["steps"], help=f"fine-tuning steps (default {demo['steps']})")
+    p.add_argument("--every", type=int, default=50, help="steps between retrieval measurements (default 50)")
+    p.add_argument("--lr-unet", type=float, default=demo["lr_unet"], help=f"(default {demo['lr_unet']:g})")
+    p.add_argument("--lr-clip", type=float, default=demo["lr_clip"], help=f"(default {demo['lr_clip']:g})")
+    p.add_argument("--split", default="test", choices=["val", "test"],
+                   help="the demo and world splits measured: val to choose a protocol, test to report it (default test)")
+    p.add_argument("--n-eval", type=int, help="measure on the first N items of each split (default: all)")
+    p.add_argument("--n-gen", type=int, default=200, help="images generated from domain captions (default 200)")
+    p.add_argument("--out", default="runs/ablation", help="folder for the runs and results (default runs/ablation)")
+    p.add_argument("--plot", help="the PNG plot (default OUT/ablation.png)")
+    args = p.parse_args(argv)
+    arms, seeds = args.arms.split(","), [int(s) for s in args.seeds.split(",")]
+    if set(arms) - set(ARMS):
+        p.error(f"unknown arm(s) {sorted(set(arms) - set(ARMS))}: choose from {', '.join(ARMS)}")
+    args.res = demo["res"]
+    t0 = time.time()
+    torch.manual_seed(0)
+    domain = open_dataset("demo", args.split, args.res)
+    world = open_dataset("world", args.split, args.res)
+    if args.n_eval:  # the synthetic sets' first n items (a quick run)
+        domain.n, world.n = min(args.n_eval, domain.n), min(args.n_eval, world.n)
+    start, judge = UniDiff.from_pretrained(demo["weights"]).eval(), load_judge()
+    results = {}
+    for arm in arms:
+        results[arm] = {}
+        for seed in seeds:
+            if ARMS[arm] is None:  # the start model: no fine-tune, the same for every seed
+                curve = [{"step": 0, **retrieval_r1(start, domain, world)}]
+                results[arm][seed] = {"curve": curve, "final": final_measures(start, start, judge, domain, world, args)}
+                break
+            run = fine_tune(arm, seed, args)
+            curve = [{"step": 0, **retrieval_r1(start, domain, world)}]
+            for ckpt in checkpoints(run):
+                model = load_model(ckpt)[0].eval()
+                curve.append({"step": int(ckpt.name[5:]), **retrieval_r1(model, domain, world)})
+            results[arm][seed] = {"curve": curve, "final": final_measures(model, start, judge, domain, world, args)}
+            print(f"ablation: {arm}, seed {seed} done ({time.time() - t0:.0f}s)", flush=True)
+    summ = summary(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    protocol = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
+    (out / "results.json").write_text(json.dumps({"protocol": protocol, "results": results,
+                                                  "summary": summ, "seconds": time.time() - t0}, indent=1))
+    text = markdown(summ) + (f"\n\n{args.split} splits: demo {len(domain)} pairs, world {len(world)} pairs; "
+                             f"seeds {args.seeds}; {args.steps} steps; {time.time() - t0:.0f}s in all.")
+    (out / "results.md").write_text(text + "\n")
+    plot(results, args.plot or out / "ablation.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
