@@ -16,10 +16,10 @@ the attributes rather than the renderer's exact pixels; shipped as assets/judge.
 """
 import argparse
 import json
-from pathlib import Path
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
