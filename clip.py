@@ -394,12 +394,14 @@ def to_rgb(im):
 
 
 def resize_crop(im, size):
-    """Shorter side to `size` (bicubic), then the centre `size` x `size` square."""
+    """Scaled (bicubic) to just cover `size`, then its centre cut out: `size` x `size` for an int (the shorter
+    side to `size`), W x H for a (W, H) pair (a portrait photo at 512x768 keeps its head and shoes)."""
+    W, H = (size, size) if isinstance(size, int) else size
     w, h = im.size
-    w, h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)  # transformers' rounding
+    w, h = (W, int(W * h / w)) if W * h >= H * w else (int(H * w / h), H)  # transformers' rounding
     im = im.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return im.crop((left, top, left + size, top + size))
+    left, top = (w - W) // 2, (h - H) // 2
+    return im.crop((left, top, left + W, top + H))
 
 
 def preprocess(images, size=224):

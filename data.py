@@ -1,10 +1,11 @@
 """Image–caption data: folders, named presets, the built-in synthetic sets, and `prepare`.
 
 An item is `(pixels, caption)`: pixels float32 (3, H, W) in [-1, 1] (the VAE's range; the
-model converts to CLIP's normalisation), the shorter side resized to `size` (bicubic) and
-centre-cropped; no augmentation.
+model converts to CLIP's normalisation), resized (bicubic) to just cover `size` and centre-cropped to
+it; no augmentation. `size` is a resolution as train.py's --res takes it (parse_res): 512 is a
+square, "512x768" width × height.
 
-    open_dataset("fashion_woman", split="train", size=512)  # data/fashion_woman/ (cwd-relative)
+    open_dataset("fashion_woman", split="train", size="512x768")  # data/fashion_woman/ (cwd-relative)
     open_dataset("path/to/folder", split="test", size=256)  # metadata.jsonl or x.jpg + x.txt
     open_dataset("world", split="val", size=32)             # the broad synthetic world (pretraining)
     open_dataset("demo", split="test", size=32)             # its narrow domain slice with a new attribute
@@ -88,8 +89,23 @@ def ends_cleanly(path, fmt):
         return f.read().rstrip(b"\0").endswith(END_MARKERS.get(fmt, b""))
 
 
-def probe(path, size=0, decode=False):
-    """(skip reason or None, detail, conversions) for one image file; cheap unless `decode`."""
+def parse_res(res):
+    """A resolution as --res takes it -> (width, height): 512 or "512" is a square, "512x768" width × height."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", str(res))
+    if not m or int(m[1]) == 0 or m[2] is not None and int(m[2]) == 0:
+        raise ValueError(f"resolution {res!r}: give WIDTHxHEIGHT in pixels (e.g. 512x768), or one number for a "
+                         "square (e.g. 512)")
+    return int(m[1]), int(m[2] or m[1])
+
+
+def res_name(size):
+    """(width, height) -> how --res writes it: 512 for a square, "512x768" otherwise."""
+    W, H = size
+    return W if W == H else f"{W}x{H}"
+
+
+def probe(path, size=(0, 0), decode=False):
+    """(skip reason or None, detail, conversions) for one image file at `size` (W, H); cheap unless `decode`."""
     try:
         with Image.open(path) as im:
             mode, (w, h) = im.mode, im.size
@@ -103,8 +119,8 @@ def probe(path, size=0, decode=False):
     except Exception as e:  # any decoder failure is a fault of the file, not of the program
         return "unreadable image", f"{type(e).__name__}: {e}", []
     conversions = [f"{MODE_NAMES.get(mode, mode)} → RGB"] if mode != "RGB" else []
-    if min(w, h) < size:
-        conversions.append(f"smaller than {size} px → upscaled")
+    if w < size[0] or h < size[1]:
+        conversions.append(f"smaller than {res_name(size)} px → upscaled")
     return None, "", conversions
 
 
@@ -114,10 +130,11 @@ def to_pixels(rgb):
 
 
 def load_pixels(path, size):
+    """An image file -> (3, H, W) in [-1, 1], `size` = (W, H)."""
     with Image.open(path) as im:
-        im.draft(im.mode, (size, size))  # JPEG: decode at the smallest scale still >= size
+        im.draft(im.mode, size)  # JPEG: decode at the smallest scale still covering size
         im = to_rgb(ImageOps.exif_transpose(im))
-    return to_pixels(np.asarray(resize_crop(im, size)))  # (3, size, size)
+    return to_pixels(np.asarray(resize_crop(im, size)))  # (3, H, W)
 
 
 def long_caption_lines(captions, token_lengths):
@@ -173,7 +190,7 @@ class FolderDataset(Dataset):
     """One split of a folder of images and captions; holds names only (picklable, no open files)."""
 
     def __init__(self, root, split="train", size=512, seed=0):
-        self.root, self.split, self.size = Path(root), split, size
+        self.root, self.split, self.size = Path(root), split, parse_res(size)  # (W, H)
         self.skipped, self.converted = Tally(), Tally()  # skips: whole folder; conversions: this split
         meta = (self.root / "metadata.jsonl").is_file()
         rows = read_metadata(self.root, self.skipped) if meta else read_pairs(self.root, self.skipped)
@@ -181,7 +198,7 @@ class FolderDataset(Dataset):
             raise DataError(f"{self.root}: no images found. A data folder holds images and a metadata.jsonl "
                             "(one JSON object a line with file_name and text) or x.jpg + x.txt caption pairs.")
         with ThreadPoolExecutor(8) as pool:  # header reads: mostly waiting on the disk
-            probes = list(pool.map(lambda r: probe(self.root / r[0], size), rows))
+            probes = list(pool.map(lambda r: probe(self.root / r[0], self.size), rows))
         given = {}  # group -> the splits metadata gives its rows: a row without one follows them
         for name, _, row_split, group in rows:
             if row_split in ("train", "test"):
@@ -349,7 +366,7 @@ class WorldDataset(Dataset):
     def __init__(self, split="train", size=32, seed=0):
         if split not in (*self.sizes, None):
             raise ValueError(f"split must be one of {', '.join(self.sizes)} or None, not {split!r}")
-        self.split, self.size, self.seed = split, size, seed
+        self.split, self.size, self.seed = split, parse_res(size), seed  # size (W, H)
         self.n = self.sizes[split] if split else sum(self.sizes.values())
 
     def __len__(self):
@@ -383,12 +400,14 @@ class WorldDataset(Dataset):
         label = self.label(i)
         rng = self._rng(*self._where(i), 1)  # the pose and tints: a stream of their own
         hem = None if label["hem"] == "none" else label["hem"]
-        img = render_garment(label["kind"], label["colour"], label["pattern"], self.size, rng, hem, self.studio)
-        return to_pixels(img), caption(label)
+        (W, H), S = self.size, max(self.size)  # drawn square, then its centre W x H, as a photo is cropped
+        img = render_garment(label["kind"], label["colour"], label["pattern"], S, rng, hem, self.studio)  # (S, S, 3)
+        top, left = (S - H) // 2, (S - W) // 2
+        return to_pixels(img[top:top + H, left:left + W]), caption(label)
 
     def report(self, token_lengths=None):
-        return [f"world: {self.n} synthetic {self.split or 'all'} images at {self.size} px ({len(SHAPES)} garments × "
-                f"{len(COLOURS)} colours × {len(PATTERNS)} patterns, light background, seed {self.seed})"]
+        return [f"world: {self.n} synthetic {self.split or 'all'} images at {res_name(self.size)} px ({len(SHAPES)} "
+                f"garments × {len(COLOURS)} colours × {len(PATTERNS)} patterns, light background, seed {self.seed})"]
 
 
 class DomainDataset(WorldDataset):
@@ -407,17 +426,18 @@ class DomainDataset(WorldDataset):
         return {"kind": DOMAIN_KINDS[k], "colour": DOMAIN_COLOURS[c], "pattern": PATTERNS[p], "hem": list(HEMS)[j % n]}
 
     def report(self, token_lengths=None):
-        return [f"demo: {self.n} synthetic {self.split or 'all'} images at {self.size} px ({', '.join(DOMAIN_KINDS)}"
-                f" × {len(DOMAIN_COLOURS)} colours × {len(PATTERNS)} patterns × {len(HEMS)} hems, studio background, "
-                f"seed {self.seed})"]
+        return [f"demo: {self.n} synthetic {self.split or 'all'} images at {res_name(self.size)} px "
+                f"({', '.join(DOMAIN_KINDS)} × {len(DOMAIN_COLOURS)} colours × {len(PATTERNS)} patterns × {len(HEMS)} "
+                f"hems, studio background, seed {self.seed})"]
 
 
 def open_dataset(name_or_dir, split="train", size=512, seed=0, root="data"):
     """A preset name (fashion_woman, fashion_man, ecommerce_product: `root`/<name>/; world, and demo, the
     world's narrow domain slice: synthetic) or a folder.
 
-    split: "train", "test" or None (all rows); world and demo also have "val". seed: the synthetic
-    sets' content, and a folder's split for rows whose metadata has no `split`. Raises DataError
+    split: "train", "test" or None (all rows); world and demo also have "val". size: what every image is
+    resized and centre-cropped to, 512 (a square) or "512x768" (width × height; parse_res). seed: the
+    synthetic sets' content, and a folder's split for rows whose metadata has no `split`. Raises DataError
     with a clear message.
     """
     if name_or_dir in ("world", "demo"):

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from data import TEST_FRACTION, DataError, open_dataset
-from runs import RunError, autocast, latest_checkpoint, load_model, load_start, read_state
+from data import TEST_FRACTION, DataError, open_dataset, parse_res, res_name
+from runs import RunError, autocast, check_size, latest_checkpoint, load_model, load_start, read_state
 from weights import WeightsError
 
 
@@ -114,7 +114,9 @@ def uniformity(img):
 
 @torch.no_grad()
 def generate(model, prompts, steps, guidance, seed, res, batch):
-    out = [model.generate(prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i, height=res, width=res)
+    """uint8 (N, H, W, 3) images of `prompts` at `res` (512 or "512x768"), `batch` at a time."""
+    W, H = parse_res(res)
+    out = [model.generate(prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i, height=H, width=W)
            for i in range(0, len(prompts), batch)]
     return torch.cat(out)
 
@@ -158,13 +160,19 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--res", type=int, help="generation and data resolution (default: the run's --res)")
+    p.add_argument("--res", help="generation and data resolution, WIDTHxHEIGHT or one number for a square "
+                   "(default: the run's --res)")
     p.add_argument("--batch", type=int, default=16, help="images generated per batch (default 16)")
     p.add_argument("--out", help="also write the table to this file")
     p.add_argument("--weights", choices=["ema", "live"], help="the EMA or the trained weights (default: EMA if any)")
     args = p.parse_args(argv)
     if args.n < 2:
         p.error(f"--n {args.n}: FD fits a covariance to the generated images, which needs at least 2")
+    if args.res is not None:
+        try:
+            args.res = res_name(parse_res(args.res))
+        except ValueError as e:
+            p.error(f"--res: {e}")
     try:
         ckpt = latest_checkpoint(args.ckpt)
         run_args = read_state(ckpt)["args"]
@@ -176,6 +184,7 @@ def main(argv=None):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         start, judge_name = load_start(ckpt.parent)
         model, _, weights = load_model(ckpt, args.weights)
+        check_size(model, *parse_res(args.res))
         start.to(device).eval()
         model.to(device).eval()
         print(f"evaluating {ckpt} ({weights} weights) on {args.data} (test split, {len(test_set)} pairs; "

@@ -61,6 +61,15 @@ def read_state(ckpt):
     return json.loads((Path(ckpt) / "state.json").read_text())
 
 
+def check_size(model, width, height):
+    """RunError unless `model` can train and sample at width x height (UniDiff.multiple)."""
+    m = model.multiple
+    if width % m or height % m:
+        near = f"{max(m, round(width / m) * m)}x{max(m, round(height / m) * m)}"
+        raise RunError(f"{width}x{height} px: this model needs width and height in multiples of {m} (its VAE's "
+                       f"{model.down}x down-sampling times its UNet's {m // model.down}x); e.g. {near}")
+
+
 def load_model(path, weights=None):
     """(UniDiff, checkpoint folder, "ema" or "live") for a run folder or a checkpoint. `weights`: "ema",
     "live", or None: what its model folders hold (the EMA when the run had --ema; `live.safetensors` then

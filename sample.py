@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from runs import RunError, autocast, latest_checkpoint, load_model, read_state, save_grid
+from data import parse_res
+from runs import RunError, autocast, check_size, latest_checkpoint, load_model, read_state, save_grid
 from weights import WeightsError
 
 
@@ -32,14 +33,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         ckpt = latest_checkpoint(args.ckpt)
-        res = read_state(ckpt)["args"]["res"]
+        W, H = parse_res(read_state(ckpt)["args"]["res"])  # (W, H) the run trained at
         model, _, weights = load_model(ckpt, args.weights)
+        w, h = args.width or W, args.height or H
+        check_size(model, w, h)
     except (WeightsError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    h, w = args.height or res, args.width or res
-    if h % model.down or w % model.down:
-        print(f"error: --height and --width must be multiples of {model.down}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()

@@ -33,10 +33,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from clip import Tokenizer
-from data import TEST_FRACTION, DataError, open_dataset
+from data import TEST_FRACTION, DataError, open_dataset, parse_res, res_name
 from eval import embed, retrieval
-from runs import (RunError, autocast, checkpoints, latest_checkpoint, load_checkpoint, load_row, read_state,
-                  save_checkpoint, save_grid, save_start, swap_in, to_uint8)
+from runs import (RunError, autocast, check_size, checkpoints, latest_checkpoint, load_checkpoint, load_row,
+                  read_state, save_checkpoint, save_grid, save_start, swap_in, to_uint8)
 from unidiff import UniDiff
 from weights import WeightsError, pretrained
 
@@ -52,6 +52,9 @@ DEFAULTS = dict(data=None, model="sd15", weights=None, steps=2000, batch_size=16
 TINY = dict(steps=300, batch_size=32, res=32, lr_unet=2e-3, lr_clip=1e-3, save_every=100, eval_every=50, warmup=20)
 PRETRAINED_TINY = Path(__file__).resolve().parent / "assets" / "unidiff-tiny"  # made as the README says
 DEMO = dict(weights=str(PRETRAINED_TINY), steps=200, lr_unet=5e-4, lr_clip=2e-4, ood_data="world")
+# The fashion presets are portrait photos (750x1101, 1080x1440): a square crop cuts off heads or shoes.
+FASHION = dict(res="512x768")  # SD 1.5's 512 wide, 2:3 (README: Resolution)
+FASHION_DATA = ("fashion_woman", "fashion_man", "ecommerce_product")
 LOG_EVERY = 10  # steps between progress lines (and NaN checks: the only host syncs)
 # Non-finite gradients in a row that stop the run: one odd batch is skipped and forgotten, but a whole
 # progress line of them means every batch now diverges (learning rate too high): skipping only burns time.
@@ -61,16 +64,19 @@ SAMPLE = dict(n=8, steps=25, guidance=5.0)  # the validation grid: 8 test captio
 
 
 def defaults(model, data):
-    """The defaults of a run of `model` on `data`: the tiny model's apply on any data, the demo's on top."""
+    """The defaults of a run of `model` on `data`: the fashion presets' portrait resolution, the tiny model's on any
+    data (square 32 px), the demo's on top."""
     tiny = TINY if model == "tiny" else {}
-    return {**DEFAULTS, **tiny, **(DEMO if tiny and data == "demo" else {}), "model": model}
+    fashion = FASHION if data in FASHION_DATA else {}
+    return {**DEFAULTS, **fashion, **tiny, **(DEMO if tiny and data == "demo" else {}), "model": model}
 
 
 def default_text(key):
-    """e.g. 'default 2000; tiny 300; demo 200', from DEFAULTS, TINY and DEMO: the help says what the code does."""
+    """e.g. 'default 2000; tiny 300; demo 200', from DEFAULTS, FASHION, TINY and DEMO: the help says what the code
+    does."""
     show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
-    return f"default {show(DEFAULTS[key])}" + "".join(f"; {name} {show(d[key])}" for name, d in
-                                                      (("tiny", TINY), ("demo", DEMO)) if key in d)
+    named = (("fashion", FASHION), ("tiny", TINY), ("demo", DEMO))
+    return f"default {show(DEFAULTS[key])}" + "".join(f"; {name} {show(d[key])}" for name, d in named if key in d)
 
 
 def parse_args(argv=None):
@@ -114,7 +120,8 @@ def parse_args(argv=None):
     add("--compile", "torch.compile each network (UniDiff.compile); minutes of compiling first",
         action="store_const", const=True)
     add("--workers", "data loader processes per rank (default 4 on GPU, 0 on CPU)", type=int)
-    add("--res", "training resolution in pixels ({default})", type=int)
+    add("--res", "training resolution: WIDTHxHEIGHT in pixels, or one number for a square ({default});\n"
+        f"fashion: the portrait presets {', '.join(FASHION_DATA)}. Sides in multiples of 64 (tiny: 4)")
     add("--max-grad-norm", "clip the gradient norm to this ({default}; 0: no clipping)", type=float)
     add("--vae-steps", "tiny only: steps fitting its random VAE as an autoencoder first ({default})", type=int)
     add("--ood-data", "validation also reports retrieval on this data's test split: what fine-tuning forgets\n"
@@ -133,6 +140,10 @@ def parse_args(argv=None):
         args = {**defaults(model, given["data"]), **given}
         args["out"] = args["out"] or str(Path("runs") / Path(args["data"]).name)
         args["resume"] = None
+    try:  # stored as --res writes it: a square's 512 as before, else "512x768"
+        args["res"] = res_name(parse_res(args["res"]))
+    except ValueError as e:
+        p.error(f"--res: {e}")
     if not 0 <= args["caption_dropout"] <= 1:
         p.error(f"--caption-dropout {args['caption_dropout']}: a probability, from 0 to 1")
     if args["snr_gamma"] is not None and args["snr_gamma"] <= 0:
@@ -346,6 +357,7 @@ def build_model(args, ckpt, run, train_set, d):
         # v-prediction: a UNet trained for minutes predicts ε poorly at high noise, and x̂0 = (z_t − √(1-ᾱ) ε̂) / √ᾱ
         # multiplies that error by up to 15 (t = 999); sampling starts there. v keeps x̂0's error bounded.
         model = UniDiff.tiny(seed=args.seed, v_prediction=True)
+        check_size(model, *parse_res(args.res))  # before fitting its VAE at that size
         fit_vae(model.vae, train_set, args.vae_steps, args.seed, say)
         start = {"model": "tiny", "seed": args.seed, "init": "init"}
     else:
@@ -355,6 +367,7 @@ def build_model(args, ckpt, run, train_set, d):
         sd_path, clip_path = pretrained(args.weights)
         model = UniDiff.from_pretrained(sd_path, clip=clip_path)
         start = {"model": "sd15", "sd": str(sd_path.resolve()), "clip": str(clip_path.resolve())}
+    check_size(model, *parse_res(args.res))
     if model.clip.vision_model is None and (args.lambda_itc or args.lambda_rsc):
         raise RunError("ITC and RSC need a CLIP with a vision tower; this model has a text encoder only")
     if ckpt is None and d.master:
@@ -559,8 +572,9 @@ def validate(model, params, ema, test_set, ood_set, step, run, args, d):
                         f"I→T R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} | "
                         f"T→I {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f} | chance R@1 {r['chance_r1']:.1f} (%)")
             real = to_uint8(torch.stack([test_set[i][0] for i in picks]))
+            W, H = parse_res(args.res)
             gen = model.generate([test_set.captions[i] for i in picks], steps=SAMPLE["steps"],
-                                 guidance=SAMPLE["guidance"], seed=0, height=args.res, width=args.res)
+                                 guidance=SAMPLE["guidance"], seed=0, height=H, width=W)
         start = run / "samples" / "start.png"  # the start model's row: drawn once, before training
         if step == 0:
             save_grid([gen], start)
@@ -588,7 +602,8 @@ def fit_vae(vae, dataset, steps, seed, say, batch=16, lr=3e-3):
     scaling factor so the latents the UNet sees have unit variance. Deterministic in `seed`."""
     if not steps:
         return
-    t0, crop = time.time(), max(8, dataset[0][0].shape[-1] // 2)
+    H, W = dataset[0][0].shape[-2:]
+    t0, crop = time.time(), max(8, min(H, W) // 2)
     say(f"fitting the tiny VAE as an autoencoder: {steps} steps on {crop} px crops")
     t_said = t0
     vae.requires_grad_(True)
@@ -596,7 +611,7 @@ def fit_vae(vae, dataset, steps, seed, say, batch=16, lr=3e-3):
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         x = torch.stack([dataset[i][0] for i in torch.randint(0, len(dataset), (batch,), generator=g).tolist()])
-        top, left = torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=g).tolist()
+        top, left = (int(torch.randint(0, n - crop + 1, (), generator=g)) for n in (H, W))
         x = x[..., top:top + crop, left:left + crop]  # convolutions are local: half-size crops, 4x cheaper
         mean, logvar = vae.encode(x)
         z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)

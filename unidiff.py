@@ -67,6 +67,15 @@ def ddim_sample(unet, latents, context, uncond, alphas_cumprod, steps, guidance,
     return x
 
 
+def centre_square(x):
+    """(..., H, W) -> its centre (..., S, S), S = min(H, W): how CLIP reads a non-square image (as CLIP's own
+    preprocessing does: a crop keeps the aspect, a resize would squash it)."""
+    H, W = x.shape[-2:]
+    S = min(H, W)
+    top, left = (H - S) // 2, (W - S) // 2
+    return x[..., top:top + S, left:left + S]
+
+
 def clip_normalise(x01):
     """Images in [0, 1] (B, 3, H, W) -> CLIP's input normalisation."""
     mean, std = (torch.tensor(v, device=x01.device, dtype=x01.dtype).view(3, 1, 1) for v in (MEAN, STD))
@@ -135,10 +144,18 @@ class UniDiff(nn.Module):
         """Pixels per latent pixel: the VAE halves the size at all but its last level (8 for SD)."""
         return 2 ** (len(self.vae.cfg.block_out_channels) - 1)
 
+    @property
+    def multiple(self):
+        """Image sides must be multiples of this (64 for SD): `down` × 2^(UNet levels − 1), so every UNet level
+        halves the latent exactly (on other sizes its up path meets the skips only by rounding) and RSC's centred
+        latent crop is, pixel for pixel, clip_pixels' crop of the real image (one_step_images)."""
+        return self.down * 2 ** (len(self.unet.cfg.block_out_channels) - 1)
+
     def clip_pixels(self, pixels):
-        """Pixels in [-1, 1] at any size -> CLIP's input: resized to its resolution, normalised."""
+        """Pixels in [-1, 1] at any size -> CLIP's input: the centre square (centre_square), resized to its
+        resolution, normalised."""
         res = self.clip.cfg.vision.image_size
-        x = F.interpolate(pixels, size=(res, res), mode="bicubic", antialias=True, align_corners=False)
+        x = F.interpolate(centre_square(pixels), size=(res, res), mode="bicubic", antialias=True, align_corners=False)
         return clip_normalise((x + 1) / 2)  # (B, 3, res, res)
 
     def forward(self, *args, **kwargs):  # so DistributedDataParallel(model)(pixels, ids) computes the losses
@@ -215,9 +232,11 @@ class UniDiff(nn.Module):
 
     def one_step_images(self, zt, pred, t, res):
         """RSC's generated images: the UNet's one-step estimate ẑ0, decoded at CLIP's resolution `res` through the
-        frozen VAE (the gradient flows on into the UNet) -> CLIP's input (R, 3, res, res)."""
+        frozen VAE (the gradient flows on into the UNet) -> CLIP's input (R, 3, res, res). A non-square ẑ0 is cut
+        to its centre square first: the part of the image that clip_pixels shows CLIP of the real one."""
         z0_hat, _ = x0_and_eps(zt, pred.float(), self.alphas_cumprod[t].view(-1, 1, 1, 1), self.v_prediction)
-        z0_hat = F.interpolate(z0_hat, size=(res // self.down,) * 2, mode="bilinear", antialias=True)  # (R, 4, h', w')
+        z0_hat = F.interpolate(centre_square(z0_hat), size=(res // self.down,) * 2, mode="bilinear",
+                               antialias=True)  # (R, 4, h', w')
         x_hat = self.vae.decode(z0_hat / self.vae.cfg.scaling_factor)  # (R, 3, res, res) in about [-1, 1]
         return clip_normalise((x_hat + 1) / 2)
 
