@@ -92,6 +92,39 @@ def test_resize_is_shorter_side_then_centre_crop(tmp_path):
     assert pixels.mean() > 0.8  # (a left or right crop would be half black)
 
 
+
+def test_portrait_resolution_keeps_head_and_shoes(tmp_path):
+    """At W x H the image is scaled to cover W x H and its centre cut out: (3, H, W), the aspect kept."""
+    root = tmp_path / "set"
+    root.mkdir()
+    arr = np.full((120, 60, 3), 255, np.uint8)  # a 1:2 portrait: a red "head" band on top, blue "shoes" below
+    arr[:30] = (255, 0, 0)
+    arr[-30:] = (0, 0, 255)
+    Image.fromarray(arr).save(root / "tall.png")
+    (root / "tall.txt").write_text("a person")
+    pixels = data.open_dataset(root, split=None, size="20x30")[0][0]  # 60x120 -> 20x40 -> the centre 20x30
+    assert pixels.shape == (3, 30, 20)
+    red, blue = torch.tensor([1.0, -1, -1]).view(3, 1), torch.tensor([-1.0, -1, 1]).view(3, 1)
+    assert (pixels[:, 0] - red).abs().max() < 0.05 and (pixels[:, -1] - blue).abs().max() < 0.05  # rows 15, 104
+    assert (pixels[:, 14:16] > 0.95).all()  # the middle: white
+    square = data.open_dataset(root, split=None, size=20)[0][0]  # 20x40 -> the centre 20x20: white but its edges
+    assert square.shape == (3, 20, 20) and (square[:, 2:-2] > 0.95).all() and square.mean() > 0.9
+    wide = data.open_dataset(root, split=None, size="30x20")[0][0]  # landscape from portrait: 30x60 -> rows 20..39
+    assert wide.shape == (3, 20, 30) and (wide > 0.95).all()
+    upscaled = data.open_dataset(root, split=None, size="64x96").converted.counts  # 60 px wide < 64: upscaled
+    assert upscaled == {"smaller than 64x96 px → upscaled": 1}
+    world = data.open_dataset("world", "test", "16x24")[3][0]  # drawn square at 24 px, then its centre 16 columns
+    assert world.shape == (3, 24, 16) and torch.equal(world, data.open_dataset("world", "test", 24)[3][0][:, :, 4:20])
+
+
+def test_parse_res():
+    assert data.parse_res(512) == data.parse_res("512") == (512, 512)
+    assert data.parse_res("512x768") == data.parse_res(" 512 X 768 ") == data.parse_res("512×768") == (512, 768)
+    assert data.res_name((512, 512)) == 512 and data.res_name((512, 768)) == "512x768"
+    for bad in ["", "512x", "x768", "0x768", "512x0", "0", "-512", "51.2", "512x768x2", "512,768", "big"]:
+        with pytest.raises(ValueError, match=r"give WIDTHxHEIGHT in pixels \(e\.g\. 512x768\), or one number"):
+            data.parse_res(bad)
+
 def test_caption_pairs_folder(tmp_path):
     root = tmp_path / "pairs"
     (root / "sub").mkdir(parents=True)

@@ -111,3 +111,47 @@ def test_eval_needs_two_images_and_says_so(run, tmp_path, capsys):
     assert ev.main(["--ckpt", str(run), "--data", str(root), "--n", "6", "--steps", "2"]) == 2
     err = capsys.readouterr().err
     assert "the test split has 1 pair; FD and collapse need at least 2" in err and "Traceback" not in err
+
+
+def test_portrait_run_trains_validates_samples_and_evaluates_at_its_resolution(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "portraits"  # 2:3 photos, as the fashion sets are
+    root.mkdir()
+    rows = []
+    for i in range(8):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (45, 30, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a person in outfit {i}", "split": "test" if i < 2 else "train"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    flags = ["--data", str(root), "--model", "tiny", "--batch-size", "2", "--vae-steps", "2", "--eval-every", "1"]
+    torch.manual_seed(0)
+    assert train.main(flags + ["--res", "16x24", "--steps", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["args"]["res"] == "16x24"
+    grid = np.asarray(Image.open(out / "samples" / "step_000001.png"))
+    assert grid.shape == (3 * 24, 2 * 16, 3)  # real, start and current rows of the 2 test captions, each 16x24
+    assert train.main(["--resume", str(out), "--steps", "2"]) == 0  # the W x H run continues
+    assert (out / "step_000002" / "state.json").is_file()
+
+    assert sample.main(["--ckpt", str(out), "--prompt", "a person", "--n", "2", "--steps", "2",
+                        "--out", str(tmp_path / "g.png")]) == 0
+    assert np.asarray(Image.open(tmp_path / "g.png")).shape == (24, 2 * 16, 3)  # the run's W x H by default
+    shapes, real_generate = [], ev.generate
+    def generate(*a):  # records the images' shape
+        images = real_generate(*a)
+        shapes.append(tuple(images.shape))
+        return images
+    monkeypatch.setattr(ev, "generate", generate)
+    capsys.readouterr()
+    assert ev.main(["--ckpt", str(out), "--n", "2", "--steps", "2"]) == 0
+    assert shapes == [(2, 24, 16, 3)] * 2 and "2 generated at 16x24 px" in capsys.readouterr().err
+
+    # sides the model cannot take: one clear line, before the tiny VAE is fitted
+    assert train.main(flags + ["--res", "18x24", "--steps", "1", "--out", str(tmp_path / "bad")]) == 2
+    out_text, err = capsys.readouterr()
+    assert "18x24 px: this model needs width and height in multiples of 4" in err and "Traceback" not in err
+    assert "fitting the tiny VAE" not in out_text
+    assert sample.main(["--ckpt", str(out), "--prompt", "x", "--width", "18"]) == 2
+    assert "18x24 px: this model needs width and height in multiples of 4" in capsys.readouterr().err
+    for main, argv in ((train.main, flags + ["--res", "16x"]), (ev.main, ["--ckpt", str(out), "--res", "16x"])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "--res: resolution '16x': give WIDTHxHEIGHT" in capsys.readouterr().err

@@ -203,12 +203,23 @@ def test_tiny_defaults_apply_on_any_data():
     assert (sd15.res, sd15.lr_unet, sd15.steps) == (512, 1e-5, 7)  # tiny's defaults only for the tiny model
 
 
+
+def test_fashion_presets_train_portrait_and_res_is_stored_as_before():
+    for data in ("fashion_woman", "fashion_man", "ecommerce_product"):
+        assert train.parse_args(["--data", data]).res == "512x768"  # 2:3 photos: heads and shoes kept
+    assert train.parse_args(["--data", "fashion_woman", "--model", "tiny"]).res == 32  # tiny stays square, CPU-sized
+    assert train.parse_args(["--data", "my/folder"]).res == 512
+    # a square is stored as the int it always was (run.json, state.json: old runs resume), else as "WxH"
+    assert train.parse_args(["--data", "x", "--res", "512x512"]).res == 512
+    assert train.parse_args(["--data", "x", "--res", "512X768"]).res == "512x768"
+
 def test_help_states_the_defaults_the_code_uses(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     options = re.split(r"\n  (?=--)", capsys.readouterr().out.split("options:")[1])
     run = {"sd15": vars(train.parse_args(["--data", "x"])), "tiny": vars(train.parse_args(["--data", "x", "--model", "tiny"])),
-           "demo": vars(train.parse_args(["--data", "demo"]))}
+           "demo": vars(train.parse_args(["--data", "demo"])),
+           "fashion": vars(train.parse_args(["--data", "fashion_man"]))}
     def same(shown, value):
         return shown == str(value) or isinstance(value, (int, float)) and float(shown) == value
     checked = set()
@@ -223,12 +234,13 @@ def test_help_states_the_defaults_the_code_uses(capsys):
         if key == "model":
             assert "--data demo implies tiny" in text
             continue
-        for name, prev in (("tiny", "sd15"), ("demo", "tiny")):
+        for name, prev in (("fashion", "sd15"), ("tiny", "sd15"), ("demo", "tiny")):
             if run[name][key] != run[prev][key]:
                 assert same(shown[name], run[name][key]), text
         checked.add(key)
     assert set(train.TINY) | {"lambda_rsc", "rsc_t_max", "caption_dropout", "max_grad_norm", "vae_steps"} <= checked
     assert set(train.DEMO) - {"weights", "ood_data"} <= checked  # those two: defaults in words
+    assert set(train.FASHION) <= checked
 
 
 def test_snr_gamma_and_caption_dropout_reach_the_losses(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ save -> reload, the saved folder in diffusers / transformers, and a tiny model o
 import json
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -64,6 +65,38 @@ def test_losses_match_recomputation_with_diffusers_scheduler():
     total = out["itc"] + out["is_"] + 0.1 * out["rsc"]
     assert rel_err(out["total"], total) < 1e-6
 
+
+
+def test_rsc_reads_a_non_square_latent_as_clip_pixels_reads_the_real_image(monkeypatch):
+    """CLIP reads the centre square of a portrait or landscape image, not a squashed one, and RSC's decode of ẑ0
+    reads the same square of the latent: a generated image equal to the real one gives CLIP equal inputs."""
+    torch.manual_seed(0)
+    m = UniDiff.tiny()  # CLIP reads 32 px; the VAE's 2x down factor
+    sf = m.vae.cfg.scaling_factor
+    up = lambda z: F.interpolate(z, scale_factor=m.down, mode="nearest")
+    monkeypatch.setattr(m.vae, "decode", lambda z: up(z[:, :3] * sf))  # a decoder that commutes with crops
+    t = torch.tensor([100, 300])
+    a = m.alphas_cumprod[t].view(-1, 1, 1, 1)
+    for h, w in [(24, 16), (16, 24)]:  # latents of 32x48 (portrait) and 48x32 (landscape) images
+        z = torch.randn(2, 4, h, w)  # ẑ0
+        real = up(z[:, :3])  # (2, 3, 2h, 2w): the image that ẑ0 decodes to
+        gen = m.one_step_images(a.sqrt() * z, torch.zeros_like(z), t, 32)  # ε̂ = 0: ẑ0 = z_t / √ᾱ = z
+        assert rel_err(gen, m.clip_pixels(real)) < 1e-6
+        top, left = (2 * h - 32) // 2, (2 * w - 32) // 2  # the centre square, already CLIP's 32 px: no resize
+        assert torch.equal(m.clip_pixels(real), clip_normalise((real[..., top:top + 32, left:left + 32] + 1) / 2))
+
+
+def test_sides_are_multiples_of_the_vae_and_unet_downsampling():
+    from types import SimpleNamespace
+    from runs import RunError, check_size
+    from unet import PRESETS
+    m = UniDiff.tiny()
+    assert (m.down, m.multiple) == (2, 4)  # 2x in the VAE, then 2x more in the tiny UNet's 2 levels
+    sd = SimpleNamespace(down=8, unet=SimpleNamespace(cfg=PRESETS["sd15"]))
+    assert UniDiff.multiple.fget(sd) == 64  # SD: 8x in the VAE, 8x more in the UNet's 4 levels
+    check_size(m, 16, 24)
+    with pytest.raises(RunError, match=r"^18x24 px: this model needs width and height in multiples of 4 .*16x24$"):
+        check_size(m, 18, 24)
 
 def test_where_gradients_go_and_skipped_losses():
     torch.manual_seed(0)
