@@ -8,6 +8,9 @@
             unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json   a diffusers folder
             clip/           a transformers CLIPModel folder (see UniDiff.save)
             live.safetensors        with --ema only: the model folders hold the EMA, this the trained weights
+            lora.safetensors        with --lora: the UNet's and text encoder's adapters (kohya's layout, merged
+                                    into the model folders), lora_vision.safetensors the vision tower's, and
+                                    lora_base.safetensors the adapted layers' weights before merging (--resume)
             optimizer.safetensors   AdamW's moments, by parameter name
             state.json      step, data position, arguments
 
@@ -24,8 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lora import attention_lora, merge, merged, unmerge
 from unidiff import UniDiff
-from weights import read_safetensors, save_safetensors
+from weights import load_strict, read_safetensors, save_safetensors
 
 
 class RunError(Exception):
@@ -80,7 +84,12 @@ def load_model(path, weights=None):
         raise RunError(f"{ckpt} has no EMA weights (its run trained without --ema): use --weights live")
     model = UniDiff.from_pretrained(ckpt)
     if weights == "live" and live.is_file():
+        args = read_state(ckpt)["args"]
+        if args.get("lora"):  # the folders hold base + the EMA adapters: base + the trained adapters instead
+            model.lora = attention_lora(model, args["train"].split(","), args["lora"], args["lora_alpha"])
+            load_lora(ckpt, model.lora)
         load_params(model, read_safetensors(live))
+        merge(model.lora)
     return model, ckpt, weights or ("ema" if live.is_file() else "live")
 
 
@@ -121,12 +130,15 @@ def load_start(run):
 def save_checkpoint(run, step, model, named, opt, ema, state):
     """Write `run/step_XXXXXX/` atomically: into a hidden temp folder, renamed when complete. The model
     folders (what diffusers, transformers and ComfyUI open) hold the EMA weights when there are some, as
-    sample.py and eval.py use by default; `live.safetensors` then holds the trained ones (for --resume)."""
+    sample.py and eval.py use by default; `live.safetensors` then holds the trained ones (for --resume).
+    With LoRA adapters (`model.lora`), the model folders hold them merged, and the lora files hold them apart."""
     final, tmp = run / f"step_{step:06d}", run / f".step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with swap_in([p for _, p in named], ema):
+        with swap_in([p for _, p in named], ema), merged(model.lora) as base:
             model.save(tmp)
+            if model.lora:
+                save_lora(model.lora, base, tmp)
         save_safetensors(optimizer_tensors(opt, named), tmp / "optimizer.safetensors")
         if ema is not None:
             save_safetensors(dict(named), tmp / "live.safetensors")
@@ -156,6 +168,28 @@ def load_checkpoint(ckpt, model, named, opt):
             state[i] = {k: tensors[f"{name}.{k}"] for k in keys}
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     return read_state(ckpt)["step"]
+
+
+def save_lora(adapters, base, folder):
+    """The adapters in kohya's layout: `lora.safetensors` the UNet's and text encoder's (what A1111, ComfyUI and
+    diffusers' load_lora_weights read), `lora_vision.safetensors` the CLIP vision tower's (no SD tool has one);
+    `lora_base.safetensors` the adapted layers' weights {name: W} before merging: --resume goes on from them."""
+    sd = adapters.state_dict()
+    vision = {k: v for k, v in sd.items() if k.startswith("lora_clip_")}
+    for file, tensors in (("lora", {k: v for k, v in sd.items() if k not in vision}), ("lora_vision", vision),
+                          ("lora_base", base)):
+        if tensors:
+            save_safetensors(tensors, folder / f"{file}.safetensors")
+
+
+def load_lora(ckpt, adapters):
+    """The adapters of a checkpoint (`save_lora`) back into `adapters`, and the base weights under them."""
+    sd = {}
+    for file in ("lora", "lora_vision"):
+        if (ckpt / f"{file}.safetensors").is_file():
+            sd.update(read_safetensors(ckpt / f"{file}.safetensors"))
+    load_strict(adapters, sd, ckpt)
+    unmerge(adapters, read_safetensors(ckpt / "lora_base.safetensors"))
 
 
 def optimizer_tensors(opt, named):

@@ -35,8 +35,9 @@ from torch.utils.data import DataLoader
 from clip import Tokenizer
 from data import TEST_FRACTION, DataError, open_dataset, parse_res, res_name
 from eval import embed, retrieval
-from runs import (RunError, autocast, check_size, checkpoints, latest_checkpoint, load_checkpoint, load_row,
-                  read_state, save_checkpoint, save_grid, save_start, swap_in, to_uint8)
+from lora import attention_lora
+from runs import (RunError, autocast, check_size, checkpoints, latest_checkpoint, load_checkpoint, load_lora,
+                  load_row, read_state, save_checkpoint, save_grid, save_start, swap_in, to_uint8)
 from unidiff import UniDiff
 from weights import WeightsError, pretrained
 
@@ -48,7 +49,8 @@ DEFAULTS = dict(data=None, model="sd15", weights=None, steps=2000, batch_size=16
                 eval_every=250, seed=0, lambda_itc=1.0, lambda_is=1.0, lambda_rsc=0.1, rsc_t_max=500,
                 snr_gamma=None, caption_dropout=0.1,  # classifier-free guidance needs the empty caption trained
                 rsc_one_way=False, lr_unet=1e-5, lr_clip=1e-6, train="unet,text,vision", grad_accum=1, grad_ckpt=False,
-                ema=0.0, warmup=100, compile=False, workers=None, res=512, max_grad_norm=1.0, vae_steps=200, ood_data=None)
+                ema=0.0, warmup=100, compile=False, workers=None, res=512, max_grad_norm=1.0, vae_steps=200, ood_data=None,
+                lora=None, lora_alpha=None)
 TINY = dict(steps=300, batch_size=32, res=32, lr_unet=2e-3, lr_clip=1e-3, save_every=100, eval_every=50, warmup=20)
 PRETRAINED_TINY = Path(__file__).resolve().parent / "assets" / "unidiff-tiny"  # made as the README says
 DEMO = dict(weights=str(PRETRAINED_TINY), steps=200, lr_unet=5e-4, lr_clip=2e-4, ood_data="world")
@@ -124,6 +126,9 @@ def parse_args(argv=None):
         f"fashion: the portrait presets {', '.join(FASHION_DATA)}. Sides in multiples of 64 (tiny: 4)")
     add("--max-grad-norm", "clip the gradient norm to this ({default}; 0: no clipping)", type=float)
     add("--vae-steps", "tiny only: steps fitting its random VAE as an autoencoder first ({default})", type=int)
+    add("--lora", "train low-rank adapters of this rank (e.g. 8) on the attention projections of the --train parts,\n"
+        "their weights frozen (lora.py; default none: the weights themselves train)", type=int)
+    add("--lora-alpha", "the adapters' update is scaled by alpha / rank (default: the rank, a scale of 1)", type=float)
     add("--ood-data", "validation also reports retrieval on this data's test split: what fine-tuning forgets\n"
         "out of its domain (default none; demo world)")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
@@ -146,6 +151,12 @@ def parse_args(argv=None):
         p.error(f"--res: {e}")
     if not 0 <= args["caption_dropout"] <= 1:
         p.error(f"--caption-dropout {args['caption_dropout']}: a probability, from 0 to 1")
+    if args["lora"] is not None and args["lora"] < 1:
+        p.error(f"--lora {args['lora']}: the adapters' rank, at least 1 (e.g. 8)")
+    if args["lora"] and args["lora_alpha"] is None:
+        # α = r: the update is B A as trained, the convention of diffusers' and kohya's SD LoRA recipes, whose
+        # learning rates (~1e-4) then carry over; the paper instead fixes α while it varies r
+        args["lora_alpha"] = float(args["lora"])
     if args["snr_gamma"] is not None and args["snr_gamma"] <= 0:
         p.error(f"--snr-gamma {args['snr_gamma']}: must be > 0 (e.g. 5), or left out for the plain MSE")
     return argparse.Namespace(**args)
@@ -215,6 +226,8 @@ def train(args):
     train_set, test_set, ood_set = open_data(args, d)
     ckpt = resume_from(args, run)
     model = build_model(args, ckpt, run, train_set, d)
+    if args.lora:
+        add_adapters(model, parts, args, ckpt)
     prepare_model(model, parts, args, d)
     opt, named = make_optimizer(model, args)
     params = [p for _, p in named]
@@ -375,14 +388,33 @@ def build_model(args, ckpt, run, train_set, d):
     return model
 
 
+def add_adapters(model, parts, args, ckpt):
+    """--lora: adapters on the attention projections of the `parts` (lora.py), seeded. Resuming: the checkpoint's
+    model folders hold the merged weights; the base weights and the adapters come from its lora files."""
+    model.lora = attention_lora(model, parts, args.lora, args.lora_alpha, torch.Generator().manual_seed(args.seed))
+    if ckpt is not None:
+        was = read_state(ckpt)["args"]
+        if (was.get("lora"), was.get("lora_alpha")) != (args.lora, args.lora_alpha):
+            raise RunError(f"{ckpt} was trained with --lora {was.get('lora')} --lora-alpha {was.get('lora_alpha')}, "
+                           f"not {args.lora} and {args.lora_alpha}: resume without giving them again")
+        load_lora(ckpt, model.lora)
+    n_base = sum(a.target[0].weight.numel() for a in model.lora.values())
+    say(f"LoRA: rank {args.lora}, alpha {args.lora_alpha:g}, on {len(model.lora)} attention projections of "
+        f"{', '.join(parts)}: {sum(p.numel() for p in model.lora.parameters()):,} numbers train instead of their "
+        f"{n_base:,}; the base weights are frozen")
+
+
 def prepare_model(model, parts, args, d):
-    """On the device, the `parts` trainable, the rest frozen."""
+    """On the device, the `parts` trainable (with --lora: their adapters alone), the rest frozen."""
     model.to(d.device)
     if d.cuda:  # convolutions run fastest on NHWC tensors
         model.unet.to(memory_format=torch.channels_last)
         model.vae.to(memory_format=torch.channels_last)
     model.unet.grad_ckpt = model.clip.grad_ckpt = model.vae.grad_ckpt = bool(args.grad_ckpt)
     model.requires_grad_(False)
+    if args.lora:
+        model.lora.requires_grad_(True)
+        return
     towers = {"unet": [model.unet], "text": [model.clip.text_model, model.clip.text_projection],
               "vision": [model.clip.vision_model, model.clip.visual_projection]}
     for part in parts:
@@ -398,7 +430,8 @@ def make_optimizer(model, args):
     groups = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault(("unet" if n.startswith("unet.") else "clip", p.ndim >= 2), []).append((n, p))
+            part = "unet" if n.startswith(("unet.", "lora.lora_unet_")) else "clip"
+            groups.setdefault((part, p.ndim >= 2), []).append((n, p))
     lrs = {"unet": args.lr_unet, "clip": args.lr_clip}
     opt = torch.optim.AdamW([{"params": [p for _, p in g], "base_lr": lrs[part], "lr": lrs[part],
                               "weight_decay": 1e-2 if decay else 0.0} for (part, decay), g in groups.items()],

@@ -129,6 +129,7 @@ class UniDiff(nn.Module):
                                f"text-to-image UNets, with {z} in and {z} out = the VAE's latent channels")
         self.clip, self.unet, self.vae = clip, unet, vae
         self.vae.requires_grad_(False)  # frozen: RSC back-propagates through its decoder, never into it
+        self.lora = nn.ModuleDict()  # train.py --lora: adapters hooked on the networks' layers (lora.py); none here
         self.v_prediction = v_prediction  # SD 2.x-v checkpoints predict v = √ᾱ ε − √(1-ᾱ) z0
         self.register_buffer("alphas_cumprod", sd_alphas_cumprod())
         self.tokenizer = Tokenizer()

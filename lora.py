@@ -1,0 +1,102 @@
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): fine-tune a large model by
+training, for some of its nn.Linear layers, a low-rank update of the weight instead of the weight itself:
+
+    y = W x + b + (α/r) · B A x        W (out, in) and b frozen;  A (r, in), B (out, r) trained;  r ≪ in, out
+
+r·(in + out) numbers train instead of in·out: at r = 8, SD 1.5's UNet attention projections train 1.6 M
+numbers instead of 94 M (CLIP ViT-L/14's text tower: 0.6 M, its vision tower: 1.6 M), so the gradients and
+AdamW's moments of the full model are never held. B starts at zero, so training starts from exactly the base
+model; A starts random (Kaiming-uniform, nn.Linear's init, as the paper's code and peft do), else B's gradient,
+which is proportional to A x, would be zero too and nothing would learn. α/r scales the update; once trained,
+W + (α/r) B A is a plain weight again (`merge`), and the merged model runs as fast as the base one.
+
+Here an adapter stays outside the layer it adapts: a forward hook on the layer adds the adapter's output to
+the layer's. The adapters are held in one nn.ModuleDict keyed by kohya's names (the module's path with _ for .,
+e.g. lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q), so the base model's state_dict is
+untouched (its folders save and load as ever) and the adapters' state_dict is the file A1111, ComfyUI and
+diffusers' `load_lora_weights` read: `<name>.lora_down.weight` (A), `<name>.lora_up.weight` (B), `<name>.alpha`.
+"""
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+# The layers that get adapters: the attention projections (as diffusers' SD LoRA scripts), UNet and CLIP names
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+# kohya's prefixes: lora_unet_ + the UNet's module path, lora_te_ + the text encoder's (a CLIPTextModel's:
+# text_model.encoder...). No SD tool has a CLIP vision tower: lora_clip_ + its path in a CLIPModel.
+PREFIX = {"unet": "lora_unet_", "text": "lora_te_", "vision": "lora_clip_"}
+
+
+class LoRA(nn.Module):
+    """The trained low-rank update of one frozen nn.Linear `layer`, added to the layer's output by a hook."""
+
+    def __init__(self, layer, rank, alpha, generator=None):
+        super().__init__()
+        kw = dict(bias=False, device=layer.weight.device, dtype=layer.weight.dtype)  # skip_init: initialised below
+        self.lora_down = nn.utils.skip_init(nn.Linear, layer.in_features, rank, **kw)  # A (r, in)
+        self.lora_up = nn.utils.skip_init(nn.Linear, rank, layer.out_features, **kw)  # B (out, r)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.lora_up.weight)  # B = 0: at step 0 the layer is exactly the base one
+        self.register_buffer("alpha", torch.tensor(float(alpha)))  # in the file: readers scale by α/r
+        self.target = (layer,)  # a tuple, not a submodule: the base weights stay out of the adapters' state_dict
+        self.on = True  # off while merged into the layer's weight
+        layer.register_forward_hook(self.hook)
+
+    def forward(self, x):  # (..., in) -> (α/r) B A x (..., out)
+        return self.alpha / self.lora_down.out_features * self.lora_up(self.lora_down(x))
+
+    def hook(self, layer, args, y):  # y = W x + b  ->  W x + b + (α/r) B A x
+        return y + self(args[0]) if self.on else y
+
+    def delta(self):  # (α/r) B A (out, in): what merging adds to W
+        return self.alpha / self.lora_down.out_features * (self.lora_up.weight @ self.lora_down.weight)
+
+
+def add_lora(layers, rank, alpha, generator=None):
+    """Adapters on the nn.Linear `layers` {name: layer}, their weights frozen -> nn.ModuleDict {name: LoRA}."""
+    for layer in layers.values():
+        layer.requires_grad_(False)
+    return nn.ModuleDict({name: LoRA(layer, rank, alpha, generator) for name, layer in layers.items()})
+
+
+def attention_lora(model, parts, rank, alpha, generator=None):
+    """Adapters on the attention projections of a UniDiff's `parts` (unet, text, vision), under kohya's names."""
+    layers = {}
+    for part in parts:
+        net, under = (model.unet, "") if part == "unet" else (model.clip, f"{part}_model.")
+        for name, m in net.named_modules():
+            if isinstance(m, nn.Linear) and name.startswith(under) and name.endswith(ATTENTION):
+                layers[PREFIX[part] + name.replace(".", "_")] = m
+    return add_lora(layers, rank, alpha, generator)
+
+
+@torch.no_grad()
+def merge(adapters):
+    """Fold each adapter into its layer, W <- W + (α/r) B A, and turn it off: the model is a plain one again."""
+    for a in adapters.values():
+        layer, = a.target
+        layer.weight += a.delta().to(layer.weight.dtype)
+        a.on = False
+
+
+@torch.no_grad()
+def unmerge(adapters, base):
+    """The base weights {name: W} back into the adapted layers, the adapters on: training goes on from there."""
+    for name, a in adapters.items():
+        layer, = a.target
+        layer.weight.copy_(base[name])
+        a.on = True
+
+
+@contextmanager
+def merged(adapters):
+    """Inside, the adapters merged (to save the model in its usual layouts); yields the base weights {name: W}
+    (copies on the CPU). After, the base weights are back bit for bit (no W + ΔW - ΔW rounding) and the adapters on."""
+    base = {name: a.target[0].weight.detach().to("cpu", copy=True) for name, a in adapters.items()}
+    merge(adapters)
+    try:
+        yield base
+    finally:
+        unmerge(adapters, base)
