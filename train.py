@@ -395,8 +395,8 @@ def add_adapters(model, parts, args, ckpt):
     if ckpt is not None:
         was = read_state(ckpt)["args"]
         if (was.get("lora"), was.get("lora_alpha")) != (args.lora, args.lora_alpha):
-            raise RunError(f"{ckpt} was trained with --lora {was.get('lora')} --lora-alpha {was.get('lora_alpha')}, "
-                           f"not {args.lora} and {args.lora_alpha}: resume without giving them again")
+            how = f"with --lora {was['lora']} --lora-alpha {was['lora_alpha']:g}" if was.get("lora") else "without --lora"
+            raise RunError(f"{ckpt} was trained {how}: resume it without giving --lora or --lora-alpha again")
         load_lora(ckpt, model.lora)
     n_base = sum(a.target[0].weight.numel() for a in model.lora.values())
     say(f"LoRA: rank {args.lora}, alpha {args.lora_alpha:g}, on {len(model.lora)} attention projections of "

@@ -21,8 +21,10 @@ from PIL import Image
 
 import runs
 import train
+from lora import attention_lora
 from helpers import assert_same_grads, recording, rel_err
 from test_data import metadata_folder
+from unidiff import UniDiff
 from weights import read_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +58,51 @@ def test_resume_after_ctrl_c_equals_straight_run(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and any(k.startswith("live.") for k in a) and any(".exp_avg_sq" in k for k in a)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bit-equal in fp32 on the CPU
     assert json.loads((tmp_path / "b" / "step_000004" / "state.json").read_text())["samples_seen"] == 16
+
+
+def test_lora_resume_equals_straight_run_and_checkpoint_holds_the_merge(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    flags = TINY + ["--steps", "4", "--save-every", "4", "--ema", "0.9", "--grad-accum", "2", "--lora", "2",
+                    "--lora-alpha", "4"]
+    assert train.main(flags + ["--out", str(tmp_path / "a")]) == 0
+    real_lr = train.lr_factor
+    def interrupt_at_step_1(step, *a):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr(step, *a)
+    monkeypatch.setattr(train, "lr_factor", interrupt_at_step_1)
+    assert train.main(flags + ["--out", str(tmp_path / "b")]) == 130
+    monkeypatch.setattr(train, "lr_factor", real_lr)
+    assert train.main(["--resume", str(tmp_path / "b"), "--lora", "4"]) == 2  # another rank: refused
+    assert "was trained with --lora 2 --lora-alpha 4: resume it without giving --lora" in capsys.readouterr().err
+    assert train.main(["--resume", str(tmp_path / "b")]) == 0
+
+    ckpt = tmp_path / "a" / "step_000004"
+    a, b = weights(ckpt), weights(tmp_path / "b" / "step_000004")
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []  # bit-equal
+    # AdamW and the EMA held the adapters alone; the model folders hold base + (α/r) B A of the EMA adapters
+    assert {k.split("/")[0] for k in a} >= {"lora.safetensors", "lora_vision.safetensors", "lora_base.safetensors"}
+    assert all(k.startswith("optimizer.safetensors/lora.lora_") for k in a if k.startswith("optimizer"))
+    assert all(k.startswith("live.safetensors/lora.lora_") for k in a if k.startswith("live"))
+    init, live = weights(tmp_path / "a" / "init"), read_safetensors(ckpt / "live.safetensors")
+    start = UniDiff.from_pretrained(tmp_path / "a" / "init")
+    names = {id(m): n for n, m in start.named_modules()}
+    path = {name: names[id(ad.target[0])] for name, ad in attention_lora(start, ["unet", "text", "vision"], 2, 4).items()}
+    folder = {f"unet.{k.split('/', 2)[2]}" if k.startswith("unet/") else f"clip.{k.split('/', 2)[2]}": v
+              for k, v in a.items() if k.startswith(("unet/", "clip/"))}
+    start_sd = start.state_dict()
+    adapted = {f"{p}.weight" for p in path.values()}
+    assert all(torch.equal(folder[k], start_sd[k]) for k in folder if k not in adapted)  # the rest: frozen
+    live_model, _, _ = runs.load_model(ckpt, "live")
+    live_sd = live_model.state_dict()
+    for name, p in path.items():
+        assert torch.equal(a[f"lora_base.safetensors/{name}"], start_sd[f"{p}.weight"])
+        file = "lora_vision" if name.startswith("lora_clip_") else "lora"
+        for sd, got in ((a, folder[f"{p}.weight"]), (live, live_sd[f"{p}.weight"])):  # EMA in the folders; live
+            k = f"{file}.safetensors/" if sd is a else "lora."
+            up, down = sd[f"{k}{name}.lora_up.weight"], sd[f"{k}{name}.lora_down.weight"]
+            assert rel_err(got, start_sd[f"{p}.weight"] + 4 / 2 * up @ down) < 1e-6, name
+    assert any(not torch.equal(folder[k], start_sd[k]) for k in adapted)  # the adapters trained
 
 
 def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
@@ -178,16 +225,19 @@ def same_step(ours, ref, rtol=1e-4):
                       {k: v for k, v in ref.items() if k.startswith("grad.")})
 
 
-def test_ddp_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("lora", [[], ["--lora", "2"]])
+def test_ddp_two_processes_equal_one(tmp_path, lora):
     # All three losses, every part trained: the global batch, its noise and timesteps are the same however they
     # are split over ranks. Compared: what DDP makes equal, each step's losses (the mean over ranks: each rank
     # holds its share) and the all-reduced gradients; not the weights, which AdamW moves by a full step where a
     # true gradient of ~0 leaves only rounding noise. A real mismatch (noise drawn per rank) differs by O(1).
-    flags = TINY + ["--steps", "3", "--rsc-t-max", "1000"]
+    # With --lora the adapters alone get gradients, all-reduced by DDP as the weights are.
+    flags = TINY + ["--steps", "3", "--rsc-t-max", "1000"] + lora
     torch.manual_seed(0)
     one, = recorded(tmp_path, "one", flags)
     two = recorded(tmp_path, "two", flags, ranks=2)
     assert all(torch.equal(two[0][k], two[1][k]) for k in one if k.startswith("grad."))  # the ranks agree
+    assert all(k.startswith("grad.lora.") == bool(lora) for k in one if k.startswith("grad."))
     same_step({**two[0], "losses": (two[0]["losses"] + two[1]["losses"]) / 2}, one)
 
 
