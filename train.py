@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from clip import Tokenizer
 from data import TEST_FRACTION, DataError, open_dataset, parse_res, res_name
 from eval import embed, retrieval
+from latent_cache import CachedSet, cache_file, create, layout, write_rows
 from lora import attention_lora
 from runs import (RunError, autocast, check_size, checkpoints, latest_checkpoint, load_checkpoint, load_lora,
                   load_row, read_state, save_checkpoint, save_grid, save_start, swap_in, to_uint8)
@@ -50,7 +51,7 @@ DEFAULTS = dict(data=None, model="sd15", weights=None, steps=2000, batch_size=16
                 snr_gamma=None, caption_dropout=0.1,  # classifier-free guidance needs the empty caption trained
                 rsc_one_way=False, lr_unet=1e-5, lr_clip=1e-6, train="unet,text,vision", grad_accum=1, grad_ckpt=False,
                 ema=0.0, warmup=100, compile=False, workers=None, res=512, max_grad_norm=1.0, vae_steps=200, ood_data=None,
-                lora=None, lora_alpha=None)
+                lora=None, lora_alpha=None, cache_latents=False)
 TINY = dict(steps=300, batch_size=32, res=32, lr_unet=2e-3, lr_clip=1e-3, save_every=100, eval_every=50, warmup=20)
 PRETRAINED_TINY = Path(__file__).resolve().parent / "assets" / "unidiff-tiny"  # made as the README says
 DEMO = dict(weights=str(PRETRAINED_TINY), steps=200, lr_unet=5e-4, lr_clip=2e-4, ood_data="world")
@@ -129,6 +130,9 @@ def parse_args(argv=None):
     add("--lora", "train low-rank adapters of this rank (e.g. 8) on the attention projections of the --train parts,\n"
         "their weights frozen (lora.py; default none: the weights themselves train)", type=int)
     add("--lora-alpha", "the adapters' update is scaled by alpha / rank (default: the rank, a scale of 1)", type=float)
+    add("--cache-latents", "encode the training images once with the frozen VAE (and CLIP's view of them) into\n"
+        "<runs folder>/latent-cache/, which later runs and --resume reuse: the steps skip the VAE encoder\n"
+        "(README: Cached latents)", action="store_const", const=True)
     add("--ood-data", "validation also reports retrieval on this data's test split: what fine-tuning forgets\n"
         "out of its domain (default none; demo world)")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
@@ -236,6 +240,8 @@ def train(args):
     say(f"model: {args.model}, training {', '.join(parts)} ({sum(p.numel() for p in params) / 1e6:.1f}M parameters); "
         f"global batch {args.batch_size} = {d.world} rank(s) × {args.grad_accum} micro-step(s) × {micro}; {args.res} px; "
         f"{'bf16 autocast on ' + torch.cuda.get_device_name(d.device) if d.cuda else 'fp32 on CPU'}")
+    if args.cache_latents:  # after prepare_model: the encoding runs on the device
+        train_set = cache_latents(model, train_set, micro, args, run, d)
     net = wrap(model, args, d)
     batches = iter(make_loader(train_set, micro, step, args, d))
 
@@ -450,9 +456,14 @@ def wrap(model, args, d):
                find_unused_parameters=not (args.lambda_itc and args.lambda_is and args.lambda_rsc))
 
 
+def loader_workers(args, d):
+    """--workers, by default 4 data loader processes per GPU rank and none on the CPU."""
+    return args.workers if args.workers is not None else (4 if d.cuda else 0)
+
+
 def make_loader(train_set, micro, step, args, d):
     """This rank's micro-batches from the data position of `step` on."""
-    workers = args.workers if args.workers is not None else (4 if d.cuda else 0)
+    workers = loader_workers(args, d)
     return DataLoader(train_set, batch_sampler=Batches(len(train_set), micro, d.world, d.rank, args.seed,
                                                        step * args.batch_size),
                       num_workers=workers, pin_memory=d.cuda, persistent_workers=workers > 0,
@@ -466,11 +477,11 @@ def forward_backward(net, model, batches, step, args, d):
     last one). Returns the step's losses (itc, is_, rsc, total), the mean over its micro-steps, on the device."""
     micro_batches = []  # all of the step's first: gradient caching embeds them before the micro-steps
     for _ in range(args.grad_accum):
-        pixels, captions = next(batches)
-        pixels = pixels.to(d.device, non_blocking=True)
-        if d.cuda:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
-        micro_batches.append((pixels, model.tokenizer(captions).to(d.device, non_blocking=True)))
+        images, captions = next(batches)  # pixels, or with --cache-latents Encoded
+        images = images.to(d.device, non_blocking=True)
+        if d.cuda and torch.is_tensor(images):  # the VAE's convolutions run fastest on NHWC pixels
+            images = images.contiguous(memory_format=torch.channels_last)
+        micro_batches.append((images, model.tokenizer(captions).to(d.device, non_blocking=True)))
     gens = [torch.Generator().manual_seed(step_seed(args.seed, step, a))  # on the host: see UniDiff.losses
             for a in range(args.grad_accum)]
     cache = None  # ITC and RSC contrast the whole step's batch, not a micro-batch: see losses.py
@@ -478,10 +489,10 @@ def forward_backward(net, model, batches, step, args, d):
         with autocast(d.device):
             cache = model.contrastive_cache(micro_batches, gens, args.lambda_itc, args.lambda_rsc, args.rsc_t_max)
     losses = torch.zeros(4, device=d.device)
-    for a, (pixels, ids) in enumerate(micro_batches):
+    for a, (images, ids) in enumerate(micro_batches):
         with nullcontext() if not d.ddp or a == args.grad_accum - 1 else net.no_sync():  # all-reduce once
             with autocast(d.device):
-                out = net(pixels, ids, generator=gens[a], cache=cache, micro_step=a, lambda_itc=args.lambda_itc,
+                out = net(images, ids, generator=gens[a], cache=cache, micro_step=a, lambda_itc=args.lambda_itc,
                           lambda_is=args.lambda_is, lambda_rsc=args.lambda_rsc, t_max=args.rsc_t_max,
                           snr_gamma=args.snr_gamma, p_uncond=args.caption_dropout, rsc_one_way=args.rsc_one_way)
             (out["total"] / args.grad_accum).backward()
@@ -663,6 +674,60 @@ def fit_vae(vae, dataset, steps, seed, say, batch=16, lr=3e-3):
     vae.cfg = dataclasses.replace(vae.cfg, scaling_factor=1 / std)  # saved in config.json, as SD's 0.18215
     say(f"tiny VAE fitted as an autoencoder: {steps} steps, reconstruction MSE {mse.item():.4f}, "
         f"scaling factor {1 / std:.4f} ({time.time() - t0:.0f}s)")
+
+
+def cache_latents(model, train_set, micro, args, run, d):
+    """--cache-latents: the training set read from its latent cache (latent_cache.py) in latent-cache/ beside the
+    run folder, shared by the runs there. Without one for this data, resolution, VAE and precision, it is made
+    first: each DDP rank encodes its share of the rows into one file, renamed into place when complete."""
+    dtype = torch.bfloat16 if d.cuda else torch.float32  # autocast's: the VAE's last layer and CLIP's first compute in it
+    folder, name, n = run.parent / "latent-cache", Path(args.data).name, len(train_set)
+    path, captions = cache_file(folder, name, train_set, args.res, model.vae, dtype), train_set.captions
+    if path.is_file():
+        say(f"latent cache: {path} ({n} images; made for this data, resolution, VAE and precision)")
+        return CachedSet(path, captions)
+    (W, H), c, r = parse_res(args.res), model.vae.cfg.latent_channels, model.clip.cfg.vision.image_size
+    shapes = {"mean": (n, c, H // model.down, W // model.down), "logvar": (n, c, H // model.down, W // model.down),
+              "clip": (n, 3, r, r)}
+    others = [p.name for p in folder.glob(f"{name}-*.safetensors")]
+    say(f"latent cache: encoding the {n} training images once into {path} "
+        f"({sum(map(math.prod, shapes.values())) * dtype.itemsize / 1e6:,.1f} MB)"
+        + (f"; not reusing {', '.join(others)}: made for other data, resolution, VAE or precision" if others else ""))
+    tmp = folder / f".{path.name}.{run.name}.tmp"
+    if d.master:
+        folder.mkdir(parents=True, exist_ok=True)
+        create(tmp, shapes, dtype)
+    d.barrier()
+    _, where = layout(shapes, dtype)
+    lo, hi = d.rank * n // d.world, (d.rank + 1) * n // d.world  # this rank's rows
+    loader = DataLoader(Subset(train_set, range(lo, hi)), batch_size=micro, num_workers=loader_workers(args, d))
+    t0 = t_said = time.time()
+    row, replaced = lo, 0
+    with open(tmp, "r+b") as f:
+        for pixels, texts in loader:
+            with autocast(d.device):
+                write_rows(f, where, row, model.encode(pixels.to(d.device)), dtype)
+            # a folder's unreadable image comes back as the next one, with its caption: not row i's pair
+            replaced += sum(text != captions[i] for i, text in enumerate(texts, row))
+            row += len(texts)
+            if time.time() - t_said >= PROGRESS_EVERY:
+                t_said = time.time()
+                say(f"latent cache: {row - lo}/{hi - lo} images encoded{' (rank 0, of its share)' if d.ddp else ''} "
+                    f"({t_said - t0:.0f}s)")
+    replaced = torch.tensor([replaced], device=d.device)
+    if d.ddp:  # every rank learns whether any rank met an unreadable image, and that all have finished writing
+        dist.all_reduce(replaced)
+    replaced = int(replaced)
+    if d.master and replaced:
+        tmp.unlink()
+    elif d.master:
+        os.replace(tmp, path)
+    d.barrier()
+    if replaced:
+        raise DataError(f"{replaced} training image(s) could not be read while caching (named above): remove them "
+                        f"from {args.data} and run again")
+    say(f"latent cache: {n} images encoded in {fmt_time(time.time() - t0)}, into {path}")
+    return CachedSet(path, captions)
 
 
 def ignore_signals(worker_id):

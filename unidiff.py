@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -80,6 +81,17 @@ def clip_normalise(x01):
     """Images in [0, 1] (B, 3, H, W) -> CLIP's input normalisation."""
     mean, std = (torch.tensor(v, device=x01.device, dtype=x01.dtype).view(3, 1, 1) for v in (MEAN, STD))
     return (x01 - mean) / std
+
+
+class Encoded(NamedTuple):
+    """Training images as the frozen networks first see them (UniDiff.encode), computed once and cached by
+    train.py --cache-latents: `losses` takes them in place of the pixels, the same step without the VAE encoder."""
+    mean: torch.Tensor  # (B, 4, h, w) the frozen VAE's posterior: its mean
+    logvar: torch.Tensor  # (B, 4, h, w) and log-variance
+    clip: torch.Tensor  # (B, 3, res, res) CLIP's view, clip_pixels
+
+    def to(self, device, non_blocking=False):
+        return Encoded(*(t.to(device, non_blocking=non_blocking) for t in self))
 
 
 class BatchDraws:
@@ -159,6 +171,15 @@ class UniDiff(nn.Module):
         x = F.interpolate(centre_square(pixels), size=(res, res), mode="bicubic", antialias=True, align_corners=False)
         return clip_normalise((x + 1) / 2)  # (B, 3, res, res)
 
+    @torch.no_grad()
+    def encode(self, pixels):
+        """Pixels (B, 3, H, W) in [-1, 1] -> Encoded: what `losses` makes of them with frozen networks alone."""
+        return Encoded(*self.vae.encode(pixels), self.clip_pixels(pixels))
+
+    def clip_view(self, images):
+        """CLIP's input (B, 3, res, res) of pixels or of Encoded images."""
+        return images.clip if isinstance(images, Encoded) else self.clip_pixels(images)
+
     def forward(self, *args, **kwargs):  # so DistributedDataParallel(model)(pixels, ids) computes the losses
         return self.losses(*args, **kwargs)
 
@@ -169,11 +190,11 @@ class UniDiff(nn.Module):
             if m is not None:
                 m.compile(**kwargs)
 
-    def losses(self, pixels, ids, lambda_itc=1.0, lambda_is=1.0, lambda_rsc=0.1, t_max=500, p_uncond=0.1,
+    def losses(self, images, ids, lambda_itc=1.0, lambda_is=1.0, lambda_rsc=0.1, t_max=500, p_uncond=0.1,
                snr_gamma=None, rsc_one_way=False, generator=None, cache=None, micro_step=0):
-        """pixels (B, 3, H, W) in [-1, 1] at the training resolution, ids (B, 77) -> dict(itc, is_, rsc, total),
-        as the README's "The losses" writes them. A loss whose λ is 0 is not computed (its entry is 0);
-        `rsc_one_way`: RSC's first KL term alone (losses.rsc_loss).
+        """images: pixels (B, 3, H, W) in [-1, 1] at the training resolution, or those Encoded (cached); ids (B, 77)
+        -> dict(itc, is_, rsc, total), as the README's "The losses" writes them. A loss whose λ is 0 is not computed
+        (its entry is 0); `rsc_one_way`: RSC's first KL term alone (losses.rsc_loss).
         `generator`, a CPU torch.Generator, fixes the randomness (BatchDraws says what is drawn in which order).
 
         Gradient accumulation: `cache` is the step's `contrastive_cache` (made with the micro-steps' generators)
@@ -181,18 +202,18 @@ class UniDiff(nn.Module):
         Under DDP and accumulation each entry is this rank's and micro-step's part: the mean over the parts of
         the entries, and of their gradients, is the whole step's (RSC's gradient but for the term losses.py names).
         """
-        B = len(pixels)
-        draws = BatchDraws(generator, B, pixels.device)
+        B = len(ids)
+        draws = BatchDraws(generator, B, ids.device)
         K = 1 if cache is None else len(cache["txt"])  # micro-steps in this optimizer step
         diffuse = lambda_is or lambda_rsc
         # one text pass serves all three losses; its extra row is the empty caption that dropped captions get
         hidden = self.clip.text_hidden(torch.cat([ids, self.empty_ids]) if diffuse else ids)  # (B[+1], 77, W)
         hidden, empty = hidden[:B], hidden[B:]
-        itc = is_ = rsc = pixels.new_zeros(())
+        itc = is_ = rsc = torch.zeros((), device=ids.device)
         if lambda_itc or lambda_rsc:
             txt_emb = self.clip.pool_text(hidden, ids)  # (B, D)
             txt_all = step_rows(txt_emb, cache and cache["txt"], micro_step)  # (K·W·B, D): the step's captions
-            real = self.clip_pixels(pixels)  # (B, 3, res, res)
+            real = self.clip_view(images)  # (B, 3, res, res)
         if lambda_itc:  # the whole step's ITC; this part's rows get their share of its gradient (× K: losses.py)
             img_emb = self.clip.encode_image(real)  # (B, D)
             img_all = step_rows(img_emb, cache and cache["img"], micro_step)  # (K·W·B, D)
@@ -200,7 +221,7 @@ class UniDiff(nn.Module):
         if diffuse:  # IS: the UNet's ε̂ (or v̂) at z_t, its caption replaced by "" with probability p_uncond (CFG)
             t_all = draws.timesteps(len(self.alphas_cumprod))  # (W·B,) on the host
             t, drop = draws.to_device(t_all[draws.mine]), draws.dropout(p_uncond)  # (B,) each
-            z0, noise, zt = self.noised_latents(pixels, t, draws)  # (B, 4, h, w) each
+            z0, noise, zt = self.noised_latents(images, t, draws)  # (B, 4, h, w) each
             pred = self.unet(zt, t, torch.where(drop[:, None, None], empty, hidden))
             target = v_target(z0, noise, self.alphas_cumprod, t) if self.v_prediction else noise
             if snr_gamma:
@@ -221,11 +242,12 @@ class UniDiff(nn.Module):
                            one_way=rsc_one_way)
         return dict(itc=itc, is_=is_, rsc=rsc, total=lambda_itc * itc + lambda_is * is_ + lambda_rsc * rsc)
 
-    def noised_latents(self, pixels, t, draws):
-        """IS's input: z0 = f · a sample of the frozen VAE's posterior, ε ~ N(0, I), z_t = √ᾱ_t z0 + √(1-ᾱ_t) ε
-        -> (z0, ε, z_t), each (B, 4, h, w) in fp32."""
+    def noised_latents(self, images, t, draws):
+        """IS's input: z0 = f · a sample of the frozen VAE's posterior of the images (pixels, or Encoded: cached),
+        ε ~ N(0, I), z_t = √ᾱ_t z0 + √(1-ᾱ_t) ε -> (z0, ε, z_t), each (B, 4, h, w) in fp32."""
         with torch.no_grad():  # frozen VAE: the latents are data
-            mean, logvar = (v.float() for v in self.vae.encode(pixels))  # fp32 under autocast: z0, ε, IS target
+            posterior = (images.mean, images.logvar) if isinstance(images, Encoded) else self.vae.encode(images)
+            mean, logvar = (v.float() for v in posterior)  # fp32 under autocast: z0, ε, IS target
             z0 = self.vae.cfg.scaling_factor * (mean + (0.5 * logvar).exp() * draws.randn(mean.shape[1:]))
         noise = draws.randn(z0.shape[1:])
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -248,16 +270,16 @@ class UniDiff(nn.Module):
         step (`losses(..., cache=, micro_step=)`; see losses.py). One more CLIP forward of the batch: both towers,
         the text tower alone when λ_itc = 0.
 
-        micro_batches: this rank's K (pixels, ids); generators: the K micro-steps' `losses` generators (copies
-        redraw their timesteps, to count RSC's rows in the step).
+        micro_batches: this rank's K (images, ids), images as `losses` takes them; generators: the K micro-steps'
+        `losses` generators (copies redraw their timesteps, to count RSC's rows in the step).
         -> dict(img=K × (W·b, D) (empty when λ_itc = 0), txt=K × (W·b, D), rsc_rows=over all ranks)."""
         img, txt, rsc_rows = [], [], 0
-        for (pixels, ids), g in zip(micro_batches, generators):
+        for (images, ids), g in zip(micro_batches, generators):
             txt.append(gather(self.clip.encode_text(ids)))
             if lambda_itc:
-                img.append(gather(self.clip.encode_image(self.clip_pixels(pixels))))
+                img.append(gather(self.clip.encode_image(self.clip_view(images))))
             if lambda_rsc:  # the micro-step's t, as `losses` will draw it
-                draws = BatchDraws(torch.Generator().set_state(g.get_state()), len(ids), pixels.device)
+                draws = BatchDraws(torch.Generator().set_state(g.get_state()), len(ids), ids.device)
                 rsc_rows += int((draws.timesteps(len(self.alphas_cumprod)) < t_max).sum())
         return dict(img=img, txt=txt, rsc_rows=rsc_rows)
 

@@ -306,3 +306,37 @@ def test_tiny_overfits_four_pairs():
     after, recall = evaluate()
     print("overfit:", {k: f"{before[k]:.3f} -> {after[k]:.3f}" for k in before}, "recall", recall)
     assert before["rsc"] > 0.1 and all(after[k] < 0.8 * before[k] for k in before) and recall == 1.0
+
+
+def test_cached_images_give_the_same_losses_and_gradients():
+    """train.py --cache-latents: a step on Encoded images (UniDiff.encode, made once) is the step on their pixels
+    with the same draws: each loss and gradient, RSC on every row, two micro-steps with the contrastive cache,
+    non-square images (CLIP's view is their centre square)."""
+    torch.manual_seed(0)
+    m = UniDiff.tiny()
+    with torch.no_grad():
+        for p in m.clip.parameters():  # spread the embeddings so ITC/RSC are not at their uniform values
+            p.add_(torch.randn_like(p) * 0.05)
+    px = torch.rand(4, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ids = m.tokenizer(["a red dress", "blue jeans", "a straw hat", "white shoes"])
+
+    def step(micro):  # as train.py runs a step of 2 micro-steps -> (each micro-step's losses, the gradients)
+        gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+        cache = m.contrastive_cache(micro, gens, 1.0, 1.0, 1000)
+        outs = [m.losses(x, i, generator=g, cache=cache, micro_step=k, t_max=1000, lambda_rsc=1.0)
+                for k, ((x, i), g) in enumerate(zip(micro, gens))]
+        for o in outs:
+            (o["total"] / 2).backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        m.zero_grad()
+        return torch.stack([torch.stack(list(o.values())) for o in outs]).detach(), grads
+
+    pixels = list(zip(px.chunk(2), ids.chunk(2)))
+    losses, grads = step(pixels)
+    encoded = [(m.encode(x), i) for x, i in pixels]
+    assert isinstance(encoded[0][0], unidiff.Encoded) and encoded[0][0].clip.shape == (2, 3, 32, 32)
+    cached_losses, cached_grads = step(encoded)
+    assert (losses[:, :3] > 1e-3).all()  # itc, is, rsc: each really computed
+    assert rel_err(cached_losses, losses) < 1e-6
+    assert {n.split(".")[0] for n in grads} == {"clip", "unet"}
+    assert_same_grads(cached_grads, grads, rtol=1e-6)
