@@ -680,15 +680,16 @@ def cache_latents(model, train_set, micro, args, run, d):
     """--cache-latents: the training set read from its latent cache (latent_cache.py) in latent-cache/ beside the
     run folder, shared by the runs there. Without one for this data, resolution, VAE and precision, it is made
     first: each DDP rank encodes its share of the rows into one file, renamed into place when complete."""
-    dtype = torch.bfloat16 if d.cuda else torch.float32  # autocast's: the VAE's last layer and CLIP's first compute in it
+    # autocast's precision (runs.autocast): the VAE's last layer and CLIP's first compute in it, so nothing is lost
+    dtype = torch.bfloat16 if d.cuda else torch.float32
     folder, name, n = run.parent / "latent-cache", Path(args.data).name, len(train_set)
     path, captions = cache_file(folder, name, train_set, args.res, model.vae, dtype), train_set.captions
     if path.is_file():
         say(f"latent cache: {path} ({n} images; made for this data, resolution, VAE and precision)")
         return CachedSet(path, captions)
     (W, H), c, r = parse_res(args.res), model.vae.cfg.latent_channels, model.clip.cfg.vision.image_size
-    shapes = {"mean": (n, c, H // model.down, W // model.down), "logvar": (n, c, H // model.down, W // model.down),
-              "clip": (n, 3, r, r)}
+    latent = (n, c, H // model.down, W // model.down)
+    shapes = {"mean": latent, "logvar": latent, "clip": (n, 3, r, r)}
     others = [p.name for p in folder.glob(f"{name}-*.safetensors")]
     say(f"latent cache: encoding the {n} training images once into {path} "
         f"({sum(map(math.prod, shapes.values())) * dtype.itemsize / 1e6:,.1f} MB)"

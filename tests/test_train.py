@@ -500,3 +500,106 @@ def test_grad_accum_itc_equals_one_batch(tmp_path):
     same_step({**four, "losses": per_step(four, 4)}, one)
     two = recorded(tmp_path, "two", flags + ["--grad-accum", "2"], ranks=2)
     same_step({**two[0], "losses": (per_step(two[0], 2) + per_step(two[1], 2)) / 2}, one)
+
+
+def world_folder(root, n=12):
+    """A data folder of n 16 px images of the synthetic world and their captions, all in train."""
+    from data import open_dataset
+    root.mkdir(parents=True)
+    world, rows = open_dataset("world", "train", 16), []
+    for i in range(n):
+        x, text = world[i]
+        Image.fromarray(((x.permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()).save(root / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": text, "split": "train"}) + "\n")
+    (root / "metadata.jsonl").write_text("".join(rows))
+    return root
+
+
+def cache_flags(data):
+    return ["--data", str(data), *TINY[2:], "--rsc-t-max", "1000"]
+
+
+def test_cached_latents_train_as_pixels_do_also_under_ddp(tmp_path):
+    # The same run from the pixels, from the latent cache, and on 2 ranks that encode half the cache each: the same
+    # losses and first gradients (the same draws). The cache's rows are what UniDiff.encode makes of each image.
+    flags = cache_flags(world_folder(tmp_path / "set")) + ["--steps", "2"]
+    torch.manual_seed(0)
+    plain, = recorded(tmp_path, "plain", flags)
+    cached, = recorded(tmp_path, "cached", flags + ["--cache-latents"])
+    same_step(cached, plain)
+    two = recorded(tmp_path, "ddp/two", flags + ["--cache-latents"], ranks=2)  # ddp/latent-cache: its own
+    same_step({**two[0], "losses": (two[0]["losses"] + two[1]["losses"]) / 2}, plain)
+
+    file, = (tmp_path / "latent-cache").glob("set-16-*.safetensors")
+    rows, by_two = read_safetensors(file), read_safetensors(tmp_path / "ddp" / "latent-cache" / file.name)
+    model = UniDiff.from_pretrained(tmp_path / "cached" / "init")  # the run's start: its VAE
+    ds = train.open_dataset(str(tmp_path / "set"), "train", 16)
+    encoded = model.encode(torch.stack([ds[i][0] for i in range(len(ds))]))
+    assert rows.keys() == by_two.keys() == {"mean", "logvar", "clip"} and len(rows["mean"]) == len(ds) == 12
+    for name, t in zip(encoded._fields, encoded):
+        assert rel_err(rows[name], t) < 1e-6 and rel_err(by_two[name], t) < 1e-6, name
+
+
+def test_cached_latents_resume_equals_straight_run(tmp_path, monkeypatch, capsys):
+    # The first run encodes the cache; the interrupted run and its resume read it; all bit-equal.
+    flags = cache_flags(world_folder(tmp_path / "set")) + ["--steps", "4", "--save-every", "4", "--grad-accum", "2",
+                                                           "--cache-latents"]
+    torch.manual_seed(0)
+    assert train.main(flags + ["--out", str(tmp_path / "a")]) == 0
+    real_lr = train.lr_factor
+    def interrupt_at_step_1(step, *a):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr(step, *a)
+    monkeypatch.setattr(train, "lr_factor", interrupt_at_step_1)
+    assert train.main(flags + ["--out", str(tmp_path / "b")]) == 130
+    monkeypatch.setattr(train, "lr_factor", real_lr)
+    assert train.main(["--resume", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("latent cache: encoding the 12 training images once") == 1
+    assert out.count("(12 images; made for this data, resolution, VAE and precision)") == 2
+    a, b = weights(tmp_path / "a" / "step_000004"), weights(tmp_path / "b" / "step_000004")
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_latent_cache_is_keyed_by_data_resolution_vae_and_precision(tmp_path, capsys):
+    from latent_cache import cache_file
+    from vae import PRESETS, VAE
+    folder = world_folder(tmp_path / "set")
+    vae = VAE(PRESETS["tiny"])
+    key = lambda res=16, dtype=torch.float32: cache_file(tmp_path, "set", train.open_dataset(str(folder), "train", res),
+                                                         res, vae, dtype)
+    first = key()
+    assert key() == first and first.name.startswith("set-16-")
+    assert key(res=24) != first and key(dtype=torch.bfloat16) != first
+    bias = vae.decoder.conv_out.bias.data
+    was = bias.clone()
+    bias[0] += 1  # the decoder is not cached, yet the key covers all of the VAE
+    assert key() != first
+    bias.copy_(was)
+    assert key() == first
+    img = Image.open(folder / "3.png")
+    img.rotate(90).save(folder / "3.png")  # the same file name, new pixels
+    assert key() != first
+    # a run that changes its VAE encodes a new cache, and says that it does not reuse the other
+    flags = cache_flags(folder) + ["--steps", "1", "--cache-latents"]
+    assert train.main(flags + ["--out", str(tmp_path / "a")]) == 0
+    assert train.main(flags + ["--out", str(tmp_path / "b"), "--vae-steps", "3"]) == 0
+    out = capsys.readouterr().out
+    old, new = sorted((tmp_path / "latent-cache").glob("set-16-*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    assert f"latent cache: encoding the 12 training images once into {new} (0.2 MB); not reusing {old.name}: " \
+           "made for other data, resolution, VAE or precision" in out
+
+
+def test_latent_cache_refuses_an_image_that_fails_to_load(tmp_path, monkeypatch, capsys):
+    # Without the cache, the next image and its caption stand in for an unreadable one; cached under the
+    # unreadable one's row and caption it would be a wrong pair: the run stops, and leaves no cache file behind.
+    import data
+    real = data.load_pixels
+    monkeypatch.setattr(data, "load_pixels", lambda path, size: 1 / 0 if path.name == "3.png" else real(path, size))
+    flags = cache_flags(world_folder(tmp_path / "set")) + ["--steps", "1", "--cache-latents"]
+    assert train.main(flags + ["--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "skipped unreadable image" in err and "3.png" in err
+    assert "error: 1 training image(s) could not be read while caching (named above): remove them from" in err
+    assert list((tmp_path / "latent-cache").iterdir()) == []
