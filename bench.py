@@ -2,6 +2,7 @@
 
     python bench.py                  # SD 1.5 UNet + VAE, CLIP ViT-L/14, batch 8, 512 px, bf16, one GPU
     python bench.py --tiny           # tiny configs on the CPU: a smoke test of this script
+    python bench.py --flops          # model FLOPs per image of each step, from pixels and from cached latents
 
 Same configs (the references are built from our configs' public-format JSON), same random
 weights, batch, inputs and precision (bf16 autocast, fp32 master weights, fused AdamW on
@@ -59,6 +60,48 @@ def count_flops(fn):
     with FlopCounterMode(display=False) as fc:
         fn()
     return fc.get_total_flops()
+
+
+def step_flops(tiny=False, batch=8, res=512):
+    """Model FLOPs per image of each training step, from pixels and from cached latents (train.py --cache-latents),
+    counted on the meta device (shapes only: no memory, no time); SD 1.5 + CLIP ViT-L/14, or the tiny model.
+    -> ({step: (from pixels, cached)}, {frozen VAE pass: forward FLOPs})."""
+    with torch.device("meta"):
+        m = UniDiff.tiny() if tiny else UniDiff(clip_mod.CLIP(clip_mod.PRESETS["vit-l/14"]),
+                                                unet_mod.UNet(unet_mod.PRESETS["sd15"]), vae_mod.VAE(vae_mod.PRESETS["sd"]))
+    ids = m.tokenizer([f"a photo of garment number {i}" for i in range(batch)]).to("meta")
+    pixels = torch.empty(batch, 3, res, res, device="meta")
+    per_image = lambda fn: count_flops(fn) / batch
+
+    def step(images, parts, **weights):
+        m.requires_grad_(False)
+        for part in parts:
+            part.requires_grad_(True)
+        return per_image(lambda: m.losses(images, ids, **weights)["total"].backward())
+
+    steps = {"SD step (UNet trained)": ((m.unet,), dict(lambda_itc=0, lambda_rsc=0)),
+             "CLIP ITC step (both towers trained)": ((m.clip,), dict(lambda_is=0, lambda_rsc=0)),
+             "UniDiff step, no RSC rows": ((m.unet, m.clip), dict(t_max=0)),
+             "UniDiff step, every row in RSC": ((m.unet, m.clip), dict(t_max=1000))}
+    rows = {name: (step(pixels, parts, **w), step(m.encode(pixels), parts, **w)) for name, (parts, w) in steps.items()}
+    r = m.clip.cfg.vision.image_size
+    vae = {"encode": per_image(lambda: m.vae.encode(pixels)),
+           f"RSC's decode at {r} px": per_image(lambda: m.vae.decode(torch.empty(batch, 4, r // m.down, r // m.down,
+                                                                                  device="meta"))),
+           f"decode at {res} px": per_image(lambda: m.vae.decode(torch.empty(batch, 4, res // m.down, res // m.down,
+                                                                              device="meta")))}
+    return rows, vae
+
+
+def print_flops(tiny, batch, res):
+    rows, vae = step_flops(tiny, batch, res)
+    print(f"Model FLOPs per image ({'tiny model' if tiny else 'SD 1.5 + CLIP ViT-L/14'}, {res} px, batch {batch}; "
+          "torch.utils.flop_counter on the meta device)\n")
+    print("| step | from pixels | from cached latents (--cache-latents) |\n|---|---|---|")
+    flop = lambda f: f"{f / 1e12:.2f} TFLOP" if f >= 1e11 else f"{f / 1e9:.2f} GFLOP"
+    for name, (px, cached) in rows.items():
+        print(f"| {name} | {flop(px)} | {flop(cached)}{f' ({cached / px - 1:+.0%})' if cached != px else ''} |")
+    print("\nThe frozen VAE, forward: " + ", ".join(f"{k} {flop(v)}" for k, v in vae.items()))
 
 
 def matmul_peak(dev):
@@ -173,7 +216,10 @@ def main():
     p.add_argument("--compile", choices=["all", "refs", "none"], default="all",
                    help="which rows get a torch.compile variant (refs: the references' tuned rows only)")
     p.add_argument("--json", help="write the rows here (after each row, so a cut-off run keeps them)")
+    p.add_argument("--flops", action="store_true", help="count the model FLOPs of each step (no timing, any machine)")
     args = p.parse_args()
+    if args.flops:
+        return print_flops(args.tiny, args.batch if not args.tiny else 2, args.res if not args.tiny else 32)
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel

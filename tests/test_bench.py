@@ -14,3 +14,17 @@ def test_bench_tiny_smoke(tmp_path):
         ("unidiff", "ours"), ("sample", "diffusers as shipped"), ("sample", "ours")}
     assert all(r["img_s"] > 0 for r in rows)
     assert "| unidiff | ours |" in out.stdout
+
+
+def test_flops_cached_latents_save_the_vae_encoder_and_nothing_else(capsys):
+    """bench.py --flops: from cached latents each step costs its FLOPs from pixels less one VAE encode (none for
+    CLIP's step, which never encodes); the table prints."""
+    import math
+    import bench
+    rows, vae = bench.step_flops(tiny=True, batch=2, res=32)
+    assert vae["encode"] > 0 and len(rows) == 4
+    for name, (pixels, cached) in rows.items():
+        assert math.isclose(pixels - cached, 0 if name.startswith("CLIP") else vae["encode"], rel_tol=1e-9), name
+    bench.print_flops(True, 2, 32)
+    pixels, cached = rows["SD step (UNet trained)"]
+    assert f"| SD step (UNet trained) | {pixels / 1e9:.2f} GFLOP | {cached / 1e9:.2f} GFLOP (-" in capsys.readouterr().out
