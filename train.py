@@ -131,7 +131,7 @@ def parse_args(argv=None):
         "their weights frozen (lora.py; default none: the weights themselves train)", type=int)
     add("--lora-alpha", "the adapters' update is scaled by alpha / rank (default: the rank, a scale of 1)", type=float)
     add("--cache-latents", "encode the training images once with the frozen VAE (and CLIP's view of them) into\n"
-        "<runs folder>/latent-cache/, which later runs and --resume reuse: the steps skip the VAE encoder\n"
+        "latent-cache/ beside the run folder, which later runs and --resume reuse: the steps skip the VAE encoder\n"
         "(README: Cached latents)", action="store_const", const=True)
     add("--ood-data", "validation also reports retrieval on this data's test split: what fine-tuning forgets\n"
         "out of its domain (default none; demo world)")
