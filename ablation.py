@@ -22,7 +22,7 @@ import train
 from data import open_dataset
 from eval import clip_score, collapse, embed, embed_images, embed_texts, frechet, generate, rankme, retrieval, uniformity
 from judge import load_judge
-from runs import checkpoints, load_model
+from runs import checkpoints, load_model, read_state
 from unidiff import UniDiff
 
 # λ_itc, λ_is, λ_rsc and RSC's variant per arm; the rest of the fine-tune is the demo's (train.py DEMO).
@@ -39,13 +39,22 @@ SAMPLE = train.SAMPLE  # generation as validation draws it: DDIM steps and guida
 
 
 def fine_tune(arm, seed, args):
-    """Run train.py for one arm and seed; -> its run folder."""
+    """Run train.py for one arm and seed -> its run folder. A run already there with the same flags is reused
+    when complete and continued (--resume) when cut off, so the ablation can be stopped and started again."""
     out = Path(args.out) / "runs" / arm.replace(" ", "_") / f"seed{seed}"
     flags = ["--data", "demo", "--out", str(out), "--seed", str(seed), "--steps", str(args.steps),
              "--save-every", str(args.every), "--eval-every", "0", "--lr-unet", str(args.lr_unet),
              "--lr-clip", str(args.lr_clip)]
     for k, v in ARMS[arm].items():
         flags += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
+    done = checkpoints(out)
+    if done:
+        same = lambda args: {k: v for k, v in args.items() if k != "out"}
+        if same(read_state(done[-1])["args"]) != same(vars(train.parse_args(flags))):
+            raise SystemExit(f"{out} holds a run with other flags: pick another --out, or remove it")
+        if int(done[-1].name[5:]) == args.steps:
+            return out
+        flags = ["--resume", str(out)]
     if train.main(flags) != 0:
         raise SystemExit(f"{arm}, seed {seed}: train.py failed (flags {' '.join(flags)})")
     return out
@@ -74,6 +83,24 @@ def final_measures(model, start, judge, domain, world, args):
     r["clip_score"] = clip_score(feat, embed_texts(start, prompts))
     r["fd"] = frechet(feat, embed_images(start, torch.stack([domain[i][0] for i in range(n)])))
     return r
+
+
+def measured(arm, seed, start, judge, domain, world, args):
+    """{"curve": retrieval at each checkpoint, "final": everything at the end} of one arm and seed, fine-tuning
+    it first; kept in its run folder and reused by a later call with the same measuring flags."""
+    run = fine_tune(arm, seed, args) if ARMS[arm] else Path(args.out) / "runs" / arm
+    key = {k: getattr(args, k) for k in ("split", "n_eval", "n_gen")}
+    kept = run / f"measures-{args.split}.json"
+    if kept.is_file() and json.loads(kept.read_text())["key"] == key:
+        return json.loads(kept.read_text())["measures"]
+    model, curve = start, [{"step": 0, **retrieval_r1(start, domain, world)}]
+    for ckpt in checkpoints(run):
+        model = load_model(ckpt)[0].eval()
+        curve.append({"step": int(ckpt.name[5:]), **retrieval_r1(model, domain, world)})
+    measures = {"curve": curve, "final": final_measures(model, start, judge, domain, world, args)}
+    run.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps({"key": key, "measures": measures}))
+    return measures
 
 
 def summary(results):
@@ -165,17 +192,8 @@ def main(argv=None):
     results = {}
     for arm in arms:
         results[arm] = {}
-        for seed in seeds:
-            if ARMS[arm] is None:  # the start model: no fine-tune, the same for every seed
-                curve = [{"step": 0, **retrieval_r1(start, domain, world)}]
-                results[arm][seed] = {"curve": curve, "final": final_measures(start, start, judge, domain, world, args)}
-                break
-            run = fine_tune(arm, seed, args)
-            curve = [{"step": 0, **retrieval_r1(start, domain, world)}]
-            for ckpt in checkpoints(run):
-                model = load_model(ckpt)[0].eval()
-                curve.append({"step": int(ckpt.name[5:]), **retrieval_r1(model, domain, world)})
-            results[arm][seed] = {"curve": curve, "final": final_measures(model, start, judge, domain, world, args)}
+        for seed in seeds[:1] if ARMS[arm] is None else seeds:  # the start model: the same for every seed
+            results[arm][seed] = measured(arm, seed, start, judge, domain, world, args)
             print(f"ablation: {arm}, seed {seed} done ({time.time() - t0:.0f}s)", flush=True)
     summ = summary(results)
     out = Path(args.out)
