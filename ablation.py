@@ -49,8 +49,8 @@ def fine_tune(arm, seed, args):
         flags += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
     done = checkpoints(out)
     if done:
-        same = lambda args: {k: v for k, v in args.items() if k != "out"}
-        if same(read_state(done[-1])["args"]) != same(vars(train.parse_args(flags))):
+        saved, wanted = read_state(done[-1])["args"], vars(train.parse_args(flags))
+        if any(saved.get(k) != wanted[k] for k in wanted if k != "out"):
             raise SystemExit(f"{out} holds a run with other flags: pick another --out, or remove it")
         if int(done[-1].name[5:]) == args.steps:
             return out

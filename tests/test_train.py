@@ -37,20 +37,24 @@ def weights(ckpt):
             for k, v in read_safetensors(f).items()}
 
 
-def test_resume_after_ctrl_c_equals_straight_run(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    flags = TINY + ["--steps", "4", "--save-every", "4", "--ema", "0.9", "--grad-accum", "2"]
+def straight_and_interrupted(flags, tmp_path, monkeypatch):
+    """Run `flags` straight into a/, then into b/ with a Ctrl-C during the second step: b/ saves after it, exit 130."""
     assert train.main(flags + ["--out", str(tmp_path / "a")]) == 0
-
     real_lr = train.lr_factor
-    def interrupt_at_step_1(step, *a):  # Ctrl-C arrives during the second step
+    def interrupt_at_step_1(step, *a):
         if step == 1:
             os.kill(os.getpid(), signal.SIGINT)
         return real_lr(step, *a)
     monkeypatch.setattr(train, "lr_factor", interrupt_at_step_1)
-    assert train.main(flags + ["--out", str(tmp_path / "b")]) == 130  # saved after finishing step 2, then stopped
-    assert sorted(p.name for p in (tmp_path / "b").glob("step_*")) == ["step_000002"]
+    assert train.main(flags + ["--out", str(tmp_path / "b")]) == 130
     monkeypatch.setattr(train, "lr_factor", real_lr)
+
+
+def test_resume_after_ctrl_c_equals_straight_run(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    flags = TINY + ["--steps", "4", "--save-every", "4", "--ema", "0.9", "--grad-accum", "2"]
+    straight_and_interrupted(flags, tmp_path, monkeypatch)
+    assert sorted(p.name for p in (tmp_path / "b").glob("step_*")) == ["step_000002"]
     assert train.main(["--resume", str(tmp_path / "b")]) == 0
 
     a, b = weights(tmp_path / "a" / "step_000004"), weights(tmp_path / "b" / "step_000004")
@@ -64,15 +68,7 @@ def test_lora_resume_equals_straight_run_and_checkpoint_holds_the_merge(tmp_path
     torch.manual_seed(0)
     flags = TINY + ["--steps", "4", "--save-every", "4", "--ema", "0.9", "--grad-accum", "2", "--lora", "2",
                     "--lora-alpha", "4"]
-    assert train.main(flags + ["--out", str(tmp_path / "a")]) == 0
-    real_lr = train.lr_factor
-    def interrupt_at_step_1(step, *a):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_lr(step, *a)
-    monkeypatch.setattr(train, "lr_factor", interrupt_at_step_1)
-    assert train.main(flags + ["--out", str(tmp_path / "b")]) == 130
-    monkeypatch.setattr(train, "lr_factor", real_lr)
+    straight_and_interrupted(flags, tmp_path, monkeypatch)
     assert train.main(["--resume", str(tmp_path / "b"), "--lora", "4"]) == 2  # another rank: refused
     assert "was trained with --lora 2 --lora-alpha 4: resume it without giving --lora" in capsys.readouterr().err
     assert train.main(["--resume", str(tmp_path / "b")]) == 0
@@ -545,15 +541,7 @@ def test_cached_latents_resume_equals_straight_run(tmp_path, monkeypatch, capsys
     flags = cache_flags(world_folder(tmp_path / "set")) + ["--steps", "4", "--save-every", "4", "--grad-accum", "2",
                                                            "--cache-latents"]
     torch.manual_seed(0)
-    assert train.main(flags + ["--out", str(tmp_path / "a")]) == 0
-    real_lr = train.lr_factor
-    def interrupt_at_step_1(step, *a):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_lr(step, *a)
-    monkeypatch.setattr(train, "lr_factor", interrupt_at_step_1)
-    assert train.main(flags + ["--out", str(tmp_path / "b")]) == 130
-    monkeypatch.setattr(train, "lr_factor", real_lr)
+    straight_and_interrupted(flags, tmp_path, monkeypatch)
     assert train.main(["--resume", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert out.count("latent cache: encoding the 12 training images once") == 1
