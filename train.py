@@ -1,6 +1,6 @@
 """Fine-tune CLIP and Stable Diffusion together with ITC + IS + RSC: the plain PyTorch loop.
 
-    python train.py --data demo                    # tiny model, synthetic garments, CPU, a few minutes
+    python train.py --data demo                    # the shipped tiny model, fine-tuned on a synthetic domain
     python train.py --data fashion_woman           # SD 1.5 + CLIP ViT-L/14 (weights fetched once)
     torchrun --nproc_per_node=8 train.py --data fashion_woman   # DDP: the same run, 8 GPUs
     python train.py --resume runs/fashion_woman    # continue exactly where it stopped
@@ -90,7 +90,7 @@ def parse_args(argv=None):
         if "{default}" in help:
             help = help.replace("{default}", default_text(flag[2:].replace("-", "_")))
         p.add_argument(flag, default=None, help=help, **kw)
-    add("--data", "a preset (fashion_woman, fashion_man, ecommerce_product, demo) or a folder; a folder's test\n"
+    add("--data", "a preset (fashion_woman, fashion_man, ecommerce_product, world, demo) or a folder; a folder's test\n"
         f"split is its metadata's split column, else a seeded {TEST_FRACTION:.0%}% of its groups (see data.py)")
     add("--model", "sd15: SD 1.5 + CLIP ViT-L/14; tiny: CPU-sized, with its own defaults\n"
         "({default}; --data demo implies tiny)", choices=["sd15", "tiny"])
@@ -366,8 +366,8 @@ def resume_from(args, run):
 
 
 def build_model(args, ckpt, run, train_set, d):
-    """The checkpoint's model, or a new run's start (recorded in run.json): the tiny model, its VAE fitted
-    first, or the pretrained weights."""
+    """The checkpoint's model, or a new run's start (recorded in run.json): the tiny model from --weights (the
+    demo: the shipped pretrained one) or random with its VAE fitted first, or SD 1.5 + CLIP-L."""
     if ckpt is not None:
         say(f"resuming from {ckpt}")
         model = UniDiff.from_pretrained(ckpt)
