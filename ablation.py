@@ -44,7 +44,7 @@ def fine_tune(arm, seed, args):
     out = Path(args.out) / "runs" / arm.replace(" ", "_") / f"seed{seed}"
     flags = ["--data", "demo", "--out", str(out), "--seed", str(seed), "--steps", str(args.steps),
              "--save-every", str(args.every), "--eval-every", "0", "--lr-unet", str(args.lr_unet),
-             "--lr-clip", str(args.lr_clip)]
+             "--lr-clip", str(args.lr_clip)] + (["--train-size", str(args.train_size)] if args.train_size else [])
     for k, v in ARMS[arm].items():
         flags += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
     done = checkpoints(out)
@@ -171,6 +171,7 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=50, help="steps between retrieval measurements (default 50)")
     p.add_argument("--lr-unet", type=float, default=demo["lr_unet"], help=f"(default {demo['lr_unet']:g})")
     p.add_argument("--lr-clip", type=float, default=demo["lr_clip"], help=f"(default {demo['lr_clip']:g})")
+    p.add_argument("--train-size", type=int, help="fine-tune on the first N demo training images (default: all 400)")
     p.add_argument("--split", default="test", choices=["val", "test"],
                    help="the demo and world splits measured: val to choose a protocol, test to report it (default test)")
     p.add_argument("--n-eval", type=int, help="measure on the first N items of each split (default: all)")

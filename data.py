@@ -239,6 +239,10 @@ class FolderDataset(Dataset):
     def __len__(self):
         return len(self.items)
 
+    def keep_first(self, n):
+        """Only the first n items from now on (a smaller training set)."""
+        self.items = self.items[:n]
+
     @property
     def captions(self):
         return [text for _, text in self.items]
@@ -371,6 +375,10 @@ class WorldDataset(Dataset):
 
     def __len__(self):
         return self.n
+
+    def keep_first(self, n):
+        """Only the first n items from now on (a smaller training set; the demo's come in groups of 4 hems)."""
+        self.n = min(self.n, n)
 
     def _where(self, i):
         """(split, index within it) of item i."""

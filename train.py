@@ -51,7 +51,7 @@ DEFAULTS = dict(data=None, model="sd15", weights=None, steps=2000, batch_size=16
                 snr_gamma=None, caption_dropout=0.1,  # classifier-free guidance needs the empty caption trained
                 rsc_one_way=False, lr_unet=1e-5, lr_clip=1e-6, train="unet,text,vision", grad_accum=1, grad_ckpt=False,
                 ema=0.0, warmup=100, compile=False, workers=None, res=512, max_grad_norm=1.0, vae_steps=200, ood_data=None,
-                lora=None, lora_alpha=None, cache_latents=False)
+                lora=None, lora_alpha=None, cache_latents=False, train_size=None)
 TINY = dict(steps=300, batch_size=32, res=32, lr_unet=2e-3, lr_clip=1e-3, save_every=100, eval_every=50, warmup=20)
 PRETRAINED_TINY = Path(__file__).resolve().parent / "assets" / "unidiff-tiny"  # made as the README says
 # The demo keeps the tiny learning rates: of three pairs, the best in-domain validation R@1 (README: the claim
@@ -135,6 +135,7 @@ def parse_args(argv=None):
     add("--cache-latents", "encode the training images once with the frozen VAE (and CLIP's view of them) into\n"
         "latent-cache/ beside the run folder, which later runs and --resume reuse: the steps skip the VAE encoder\n"
         "(README: Cached latents)", action="store_const", const=True)
+    add("--train-size", "train on the first N items of the training split (default: all of them)", type=int)
     add("--ood-data", "validation also reports retrieval on this data's test split: what fine-tuning forgets\n"
         "out of its domain (default none; demo world)")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
@@ -340,6 +341,8 @@ def open_data(args, d):
     """(train split, test split, --ood-data's test split); the test splits None when there is no validation.
     What was skipped, converted, truncated at 77 tokens is said once."""
     sets = {"train": open_dataset(args.data, "train", args.res)}
+    if args.train_size:
+        sets["train"].keep_first(args.train_size)
     if args.eval_every:  # only validation reads the test rows
         sets["test"] = open_dataset(args.data, "test", args.res)
         if args.ood_data:

@@ -10,6 +10,7 @@ import train
 from data import open_dataset
 from eval import embed, retrieval
 from judge import load_judge
+from runs import read_state
 from unidiff import UniDiff
 
 
@@ -45,10 +46,11 @@ def test_demo_fine_tunes_the_shipped_model(tmp_path, capsys):
 def test_ablation_runs_end_to_end_at_micro_scale(tmp_path):
     arms = ["pretrained", "ITC", "ITC+IS+RSC one-way"]
     assert ablation.main(["--arms", ",".join(arms), "--seeds", "0", "--steps", "2", "--every", "1", "--n-eval", "8",
-                          "--n-gen", "4", "--out", str(tmp_path)]) == 0
+                          "--n-gen", "4", "--train-size", "100", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert list(res["results"]) == arms
     assert [c["step"] for c in res["results"]["ITC"]["0"]["curve"]] == [0, 1, 2]
+    assert read_state(tmp_path / "runs" / "ITC" / "seed0" / "step_000002")["args"]["train_size"] == 100
     for arm in arms:
         final = res["results"][arm]["0"]["final"]
         assert {"in_i2t_r1", "out_t2i_r1", "rankme", "uniformity", "judge_hem", "fd"} <= set(final)
