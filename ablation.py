@@ -69,11 +69,12 @@ def retrieval_r1(model, domain, world):
 
 
 @torch.no_grad()
-def final_measures(model, start, judge, domain, world, args):
-    """Everything at the end of a fine-tune: retrieval, collapse, and generation from the domain's captions."""
+def final_measures(model, start, judge, domain, last, args):
+    """Everything at the end of a fine-tune: retrieval (out of domain: `last`, the curve's final point), collapse,
+    and generation from the domain's captions."""
     img, txt = embed(model, domain)
     r = {f"in_{k}": v for k, v in retrieval(img, txt, domain.captions).items() if k != "chance_r1"}
-    r.update({k: v for k, v in retrieval_r1(model, domain, world).items() if k.startswith("out_")})
+    r.update({k: v for k, v in last.items() if k.startswith("out_")})
     r.update(cos=collapse(img), rankme=rankme(img), uniformity=uniformity(img))
     n = min(args.n_gen, len(domain))
     prompts = domain.captions[:n]
@@ -97,7 +98,7 @@ def measured(arm, seed, start, judge, domain, world, args):
     for ckpt in checkpoints(run):
         model = load_model(ckpt)[0].eval()
         curve.append({"step": int(ckpt.name[5:]), **retrieval_r1(model, domain, world)})
-    measures = {"curve": curve, "final": final_measures(model, start, judge, domain, world, args)}
+    measures = {"curve": curve, "final": final_measures(model, start, judge, domain, curve[-1], args)}
     run.mkdir(parents=True, exist_ok=True)
     kept.write_text(json.dumps({"key": key, "measures": measures}))
     return measures
@@ -187,8 +188,9 @@ def main(argv=None):
     torch.manual_seed(0)
     domain = open_dataset("demo", args.split, args.res)
     world = open_dataset("world", args.split, args.res)
-    if args.n_eval:  # the synthetic sets' first n items (a quick run)
-        domain.n, world.n = min(args.n_eval, domain.n), min(args.n_eval, world.n)
+    if args.n_eval:  # a quick run
+        domain.keep_first(args.n_eval)
+        world.keep_first(args.n_eval)
     start, judge = UniDiff.from_pretrained(demo["weights"]).eval(), load_judge()
     results = {}
     for arm in arms:

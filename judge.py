@@ -174,7 +174,7 @@ def report(judge, model=None, n=None, log=print):
         acc = evaluate(judge, name, n=k)
         log(f"{name} test, {k} real renders: " + "  ".join(f"{a} {100 * v:.1f}%" for a, v in acc.items()))
         if model is not None:
-            ds.n = k  # the first k items (the synthetic sets draw each item from its index)
+            ds.keep_first(k)
             r = retrieval(*embed(model, ds), ds.captions)
             gen = torch.cat([model.generate(ds.captions[i:i + 100], steps=SAMPLE["steps"], guidance=SAMPLE["guidance"],
                                             seed=i, height=RES, width=RES) for i in range(0, k, 100)])
