@@ -3,13 +3,15 @@
     python bench.py                  # SD 1.5 UNet + VAE, CLIP ViT-L/14, batch 8, 512 px, bf16, one GPU
     python bench.py --tiny           # tiny configs on the CPU: a smoke test of this script
     python bench.py --flops          # model FLOPs per image of each step, from pixels and from cached latents
+    python bench.py --memory         # the memory of train.py's step: full vs LoRA, cached latents, grad ckpt
 
 Same configs (the references are built from our configs' public-format JSON), same random
 weights, batch, inputs and precision (bf16 autocast, fp32 master weights, fused AdamW on
 CUDA). Each reference runs as shipped and tuned (torch.compile + channels-last); the ratio
 that counts is against the faster. MFU = counted model FLOPs (torch.utils.flop_counter) /
 time / the bf16 matmul rate measured in the same run. `transformers` and `diffusers` are
-imported here only as the yardstick.
+imported here only as the yardstick. The memory table runs first, train.py's own step with each row in a
+process of its own (`--memory`: that table alone, also on a CPU).
 """
 import argparse
 import gc
@@ -24,9 +26,17 @@ import clip as clip_mod
 import unet as unet_mod
 import vae as vae_mod
 from losses import itc_loss
-from unidiff import UniDiff, ddim_sample
+from unidiff import Encoded, UniDiff, ddim_sample
 
 SCALE = 0.18215
+
+
+def random_model(tiny):
+    """SD 1.5 (UNet + VAE) and CLIP ViT-L/14 with random weights, or the tiny model; on torch's default device."""
+    if tiny:
+        return UniDiff.tiny()
+    return UniDiff(clip_mod.CLIP(clip_mod.PRESETS["vit-l/14"]), unet_mod.UNet(unet_mod.PRESETS["sd15"]),
+                   vae_mod.VAE(vae_mod.PRESETS["sd"]))
 
 
 # ---- timing ----------------------------------------------------------------------------
@@ -67,8 +77,7 @@ def step_flops(tiny=False, batch=8, res=512):
     counted on the meta device (shapes only: no memory, no time); SD 1.5 + CLIP ViT-L/14, or the tiny model.
     -> ({step: (from pixels, cached)}, {frozen VAE pass: forward FLOPs})."""
     with torch.device("meta"):
-        m = UniDiff.tiny() if tiny else UniDiff(clip_mod.CLIP(clip_mod.PRESETS["vit-l/14"]),
-                                                unet_mod.UNet(unet_mod.PRESETS["sd15"]), vae_mod.VAE(vae_mod.PRESETS["sd"]))
+        m = random_model(tiny)
     ids = m.tokenizer([f"a photo of garment number {i}" for i in range(batch)]).to("meta")
     pixels = torch.empty(batch, 3, res, res, device="meta")
     per_image = lambda fn: count_flops(fn) / batch
@@ -119,6 +128,99 @@ def free():
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# ---- memory: train.py's own step ------------------------------------------------------------------
+
+MEMORY_BATCH = 4  # on a GPU; on the CPU 1 at 256 px, where a full-size step takes seconds
+# The memory table's rows: (--lora rank, --cache-latents, --grad-ckpt), every part trained (train.py's default)
+MEMORY_ROWS = [(lora, cache, ckpt) for lora in (None, 16) for cache in (False, True) for ckpt in (False, True)]
+
+
+def memory_table(tiny, batch, res):
+    """Each row of MEMORY_ROWS measured in a fresh process (on the CPU a process's peak cannot be reset) ->
+    [dict(lora, cache, ckpt, trained, state_gb, start_gb, peak_gb, sec) or dict(..., failed=why)]."""
+    import subprocess
+    import sys
+    print_memory_header(tiny, batch, res, torch.cuda.is_available())
+    rows = []
+    for lora, cache, ckpt in MEMORY_ROWS:
+        cfg = dict(tiny=tiny, batch=batch, res=res, lora=lora, cache=cache, ckpt=ckpt)
+        out = subprocess.run([sys.executable, __file__, "--memory-row", json.dumps(cfg)], capture_output=True, text=True)
+        if out.returncode == 0:
+            row = json.loads(out.stdout.splitlines()[-1])
+        else:  # -9: the kernel's out-of-memory killer
+            row = {**cfg, "failed": f"exit {out.returncode}: {(out.stderr.strip().splitlines() or ['killed'])[-1]}"}
+        print(memory_line(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def memory_row(tiny, batch, res, lora, cache, ckpt):
+    """Two steps of train.py's step (forward_backward, optimizer_step: AdamW's moments exist from the first on)
+    for a random model, every row of the batch in RSC (the most memory any step can take) -> the peak: on CUDA
+    the peak allocated, on the CPU the process's peak resident set (less its size before the model was built)."""
+    import resource
+    from itertools import repeat
+    import train
+    with open("/proc/self/oom_score_adj", "w") as f:  # if the machine runs out, the kernel ends this process
+        f.write("1000")
+    args = argparse.Namespace(**{**train.defaults("tiny" if tiny else "sd15", None), "batch_size": batch,
+                                 "lora": lora, "lora_alpha": lora and float(lora), "cache_latents": cache,
+                                 "grad_ckpt": ckpt, "rsc_t_max": 1000})
+    d = train.init_distributed()
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB
+    start = 0.0 if d.cuda else rss()
+    torch.manual_seed(0)
+    with torch.device(d.device):
+        model = random_model(tiny)
+    parts = train.trained_parts(args)
+    if lora:
+        train.add_adapters(model, parts, args, None)
+    train.prepare_model(model, parts, args, d)
+    opt, named = train.make_optimizer(model, args)
+    params = [p for _, p in named]
+    trained = sum(p.numel() for p in params)
+    # fp32 weights (all), gradients and AdamW's two moments (the trained ones): the memory any step holds
+    state = (sum(p.numel() for p in model.parameters()) + 3 * trained) * 4 / 2**30
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(batch, 3, res, res, generator=g) * 2 - 1
+    if cache:  # what the latent cache holds (its contents do not change the memory)
+        h, r = res // model.down, model.clip.cfg.vision.image_size
+        dtype = torch.bfloat16 if d.cuda else torch.float32  # as train.cache_latents stores it
+        pixels = Encoded(*(torch.randn(s, generator=g).to(dtype) for s in ((batch, 4, h, h), (batch, 4, h, h),
+                                                                          (batch, 3, r, r))))
+    batches = repeat((pixels, [f"a photo of garment number {i}" for i in range(batch)]))
+    for step in range(2):
+        t0 = time.perf_counter()
+        train.forward_backward(model, model, batches, step, args, d)
+        train.optimizer_step(opt, params, None, step, args)
+        sync(d.device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if d.cuda else rss()
+    return dict(tiny=tiny, batch=batch, res=res, lora=lora, cache=cache, ckpt=ckpt, trained=trained,
+                state_gb=state, start_gb=start, peak_gb=peak - start, sec=time.perf_counter() - t0)
+
+
+def memory_label(row):
+    flags = [f"--lora {row['lora']}" if row["lora"] else "full fine-tune"]
+    return " ".join(flags + [f for f, on in (("--cache-latents", row["cache"]), ("--grad-ckpt", row["ckpt"])) if on])
+
+
+def memory_line(row):
+    """One Markdown row: the training, trained numbers, state by arithmetic, measured peak, what is above the state."""
+    if "failed" in row:
+        return f"| {memory_label(row)} | | | {row['failed']} | | |"
+    return (f"| {memory_label(row)} | {row['trained'] / 1e6:,.1f} M | {row['state_gb']:.2f} | {row['peak_gb']:.2f} | "
+            f"{row['peak_gb'] - row['state_gb']:.2f} | {row['sec']:.1f} |")
+
+
+def print_memory_header(tiny, batch, res, cuda):
+    where = ("peak allocated on " + torch.cuda.get_device_name()) if cuda else \
+        "peak resident set on the CPU (fp32), less the process's size before the model was built"
+    print(f"\nMemory of one train.py step, {'tiny model' if tiny else 'SD 1.5 + CLIP ViT-L/14'}, random weights, "
+          f"batch {batch}, {res} px, every part trained, every row in RSC: {where}. State: fp32 weights + gradients "
+          "+ AdamW moments, by arithmetic.\n")
+    print("| training | trained | state GiB | peak GiB | peak − state GiB | s/step |\n|---|---|---|---|---|---|")
 
 
 # ---- the steps ---------------------------------------------------------------------------
@@ -208,7 +310,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (smoke test)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--res", type=int, default=512)
+    p.add_argument("--res", type=int, help="square images (default 512; the CPU's memory table: 256)")
     p.add_argument("--iters", type=int, default=10, help="timed steps per row (median)")
     p.add_argument("--sample-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps when sampling")
@@ -217,9 +319,24 @@ def main():
                    help="which rows get a torch.compile variant (refs: the references' tuned rows only)")
     p.add_argument("--json", help="write the rows here (after each row, so a cut-off run keeps them)")
     p.add_argument("--flops", action="store_true", help="count the model FLOPs of each step (no timing, any machine)")
+    p.add_argument("--memory", action="store_true",
+                   help="only the memory table (any machine; on the CPU batch 1 at 256 px, tiny: 2 at 32 px)")
+    p.add_argument("--memory-row", help=argparse.SUPPRESS)  # one row of it, in a process of its own
     args = p.parse_args()
+    if args.flops or not args.memory:
+        args.res = args.res or 512
     if args.flops:
         return print_flops(args.tiny, args.batch if not args.tiny else 2, args.res if not args.tiny else 32)
+    if args.memory_row:
+        return print(json.dumps(memory_row(**json.loads(args.memory_row))))
+    if args.memory:
+        cuda = torch.cuda.is_available()
+        batch, res = (2, 32) if args.tiny else (MEMORY_BATCH if cuda else 1, args.res or (512 if cuda else 256))
+        rows = memory_table(args.tiny, batch, res)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=device_name(torch.device("cuda" if cuda else "cpu")), memory=rows), f, indent=1)
+        return
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
@@ -250,14 +367,14 @@ def main():
         print(f"{case:8s} {impl:36s} {n / sec:8.2f} img/s {sec * 1e3:9.1f} ms {mem:6.1f} GB", flush=True)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(device=device_name(dev), peak=peak, batch=args.batch, res=args.res, rows=rows), f,
-                          indent=1)
+                json.dump(dict(device=device_name(dev), peak=peak, batch=args.batch, res=args.res, rows=rows,
+                               memory=memory), f, indent=1)
 
+    # the memory rows first, each in a process of its own, while this one holds nothing on the device
+    memory = memory_table(args.tiny, args.batch if args.tiny else MEMORY_BATCH, args.res) if "memory" in cases else []
     torch.manual_seed(0)
     with torch.device(dev):  # random init straight on the device
-        ours = UniDiff.tiny() if args.tiny else UniDiff(clip_mod.CLIP(clip_mod.PRESETS["vit-l/14"]),
-                                                        unet_mod.UNet(unet_mod.PRESETS["sd15"]),
-                                                        vae_mod.VAE(vae_mod.PRESETS["sd"]))
+        ours = random_model(args.tiny)
     ours.to(dev)
     if dev.type == "cuda":  # as train.py runs it
         ours.unet.to(memory_format=torch.channels_last)
@@ -272,19 +389,6 @@ def main():
         ours.requires_grad_(False)
         for part in parts:
             part.requires_grad_(True)
-
-    if "memory" in cases:  # first, while only our model is resident: these peaks are what train.py needs
-        for label, parts, ckpt in (("all parts", (ours.unet, ours.clip), False),
-                                   ("all parts, grad ckpt", (ours.unet, ours.clip), True),
-                                   ("unet+text, grad ckpt", (ours.unet, ours.clip.text_model), True)):
-            train_only(*parts)
-            for m in (ours.unet, ours.clip, ours.vae):
-                m.grad_ckpt = ckpt
-            b = len(x[:4])
-            add("memory", f"ours b{b} {label}", our_step(ours, x[:b], ids[:b], dev, amp), n=b)
-        for m in (ours.unet, ours.clip, ours.vae):
-            m.grad_ckpt = False
-        free()
 
     # The references: built from our configs' public JSON, holding our random weights.
     with torch.device(dev):
@@ -342,6 +446,9 @@ def main():
                 add("sample", tag, our_sampler(ours, ctx, unc, lat, args.steps, 7.5), n=s)
         free()
     print_table(rows, device_name(dev), peak, args.batch, args.res)
+    if memory:
+        print_memory_header(args.tiny, memory[0]["batch"], memory[0]["res"], dev.type == "cuda")
+        print("\n".join(memory_line(r) for r in memory))
 
 
 def device_name(dev):

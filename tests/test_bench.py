@@ -14,6 +14,30 @@ def test_bench_tiny_smoke(tmp_path):
         ("unidiff", "ours"), ("sample", "diffusers as shipped"), ("sample", "ours")}
     assert all(r["img_s"] > 0 for r in rows)
     assert "| unidiff | ours |" in out.stdout
+    check_memory_rows(json.loads((tmp_path / "rows.json").read_text())["memory"], out.stdout)
+
+
+def check_memory_rows(rows, stdout):
+    """The memory table: each row measured (its own process), its trained numbers and fp32 state counted here
+    from the model itself, its peak above that state."""
+    import torch
+    from lora import attention_lora
+    from unidiff import UniDiff
+    m = UniDiff.tiny()
+    total = sum(p.numel() for p in m.parameters())
+    full = sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in m.vae.parameters())  # all but the VAE
+    adapters = attention_lora(m, ["unet", "text", "vision"], 16, 16.0, torch.Generator().manual_seed(0))
+    lora = sum(p.numel() for p in adapters.parameters())
+    assert lora == sum(16 * (a.target[0].in_features + a.target[0].out_features) for a in adapters.values())
+    assert [(r["lora"], r["cache"], r["ckpt"]) for r in rows] == [
+        (lora_, cache, ckpt) for lora_ in (None, 16) for cache in (False, True) for ckpt in (False, True)]
+    for r in rows:
+        assert "failed" not in r, r
+        trained = lora if r["lora"] else full
+        assert r["trained"] == trained
+        assert r["state_gb"] * 2**30 == (total + (lora if r["lora"] else 0) + 3 * trained) * 4
+        assert r["peak_gb"] > r["state_gb"] and r["sec"] > 0
+    assert "| --lora 16 --cache-latents --grad-ckpt | 0.1 M |" in stdout
 
 
 def test_flops_cached_latents_save_the_vae_encoder_and_nothing_else(capsys):
