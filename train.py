@@ -268,7 +268,7 @@ def train(args):
             say(progress.sync(step, factor, run, args, d))  # raises if the loss or the gradients went bad
             if stopping:
                 save(model, named, opt, ema, step, run, args, d)
-                say(f"stopped at step {step}: continue with  python train.py --resume {run}")
+                say(f"stopped at step {step}: continue with  {resume_command(d)} --resume {run}")
                 return 128 + stopping  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
             if at_eval:
                 validate(model, params, ema, test_set, ood_set, step, run, args, d)
@@ -277,6 +277,12 @@ def train(args):
             progress.t_line = time.time()  # validating and saving are not training time
     say(f"done: {step} steps; checkpoints in {run}/, samples in {run / 'samples'}/")
     return 0
+
+
+def resume_command(d):
+    """How to launch this run again: python, or torchrun with this node's number of ranks."""
+    return f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', d.world)} train.py" if d.ddp else \
+        "python train.py"
 
 
 def say(*a):

@@ -384,7 +384,7 @@ def test_ddp_sigterm_to_one_rank_stops_both_after_that_step(tmp_path):
     out = p.stdout + p.stderr
     # both ranks finished step 3 (started as step 2), saved it together, and stopped: not at a multiple of 10
     assert "rank 0: last step started 2, exit 143" in out and "rank 1: last step started 2, exit 143" in out, out[-3000:]
-    assert "stopped at step 3" in p.stdout
+    assert "stopped at step 3: continue with  torchrun --nproc_per_node=2 train.py --resume" in p.stdout
     assert [c.name for c in train.checkpoints(run)] == ["step_000003"]
     assert train.main(["--resume", str(run)]) == 0
     assert [c.name for c in train.checkpoints(run)] == ["step_000003", "step_000005"]
