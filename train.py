@@ -715,17 +715,21 @@ def cache_latents(model, train_set, micro, args, run, d):
     loader = DataLoader(Subset(train_set, range(lo, hi)), batch_size=micro, num_workers=loader_workers(args, d))
     t0 = t_said = time.time()
     row, replaced = lo, 0
-    with open(tmp, "r+b") as f:
-        for pixels, texts in loader:
-            with autocast(d.device):
-                write_rows(f, where, row, model.encode(pixels.to(d.device)), dtype)
-            # a folder's unreadable image comes back as the next one, with its caption: not row i's pair
-            replaced += sum(text != captions[i] for i, text in enumerate(texts, row))
-            row += len(texts)
-            if time.time() - t_said >= PROGRESS_EVERY:
-                t_said = time.time()
-                say(f"latent cache: {row - lo}/{hi - lo} images encoded{' (rank 0, of its share)' if d.ddp else ''} "
-                    f"({t_said - t0:.0f}s)")
+    try:
+        with open(tmp, "r+b") as f:
+            for pixels, texts in loader:
+                with autocast(d.device):
+                    write_rows(f, where, row, model.encode(pixels.to(d.device)), dtype)
+                # a folder's unreadable image comes back as the next one, with its caption: not row i's pair
+                replaced += sum(text != captions[i] for i, text in enumerate(texts, row))
+                row += len(texts)
+                if time.time() - t_said >= PROGRESS_EVERY:
+                    t_said = time.time()
+                    say(f"latent cache: {row - lo}/{hi - lo} images encoded{' (rank 0, of its share)' if d.ddp else ''}"
+                        f" ({t_said - t0:.0f}s)")
+    except BaseException:  # Ctrl-C or an error: a half-written cache is as large as a whole one, and useless
+        tmp.unlink(missing_ok=True)
+        raise
     replaced = torch.tensor([replaced], device=d.device)
     if d.ddp:  # every rank learns whether any rank met an unreadable image, and that all have finished writing
         dist.all_reduce(replaced)

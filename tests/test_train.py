@@ -591,3 +591,21 @@ def test_latent_cache_refuses_an_image_that_fails_to_load(tmp_path, monkeypatch,
     assert "skipped unreadable image" in err and "3.png" in err
     assert "error: 1 training image(s) could not be read while caching (named above): remove them from" in err
     assert list((tmp_path / "latent-cache").iterdir()) == []
+
+
+def test_interrupted_caching_leaves_no_partial_cache_file(tmp_path, monkeypatch):
+    """Ctrl-C while the latent cache is written (before the training loop's own handler) removes the file being
+    written, as large as a whole cache: nothing is left behind in latent-cache/."""
+    import latent_cache
+    calls = []
+    def write_rows(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a)
+    real = latent_cache.write_rows
+    monkeypatch.setattr(train, "write_rows", write_rows)
+    flags = cache_flags(world_folder(tmp_path / "set")) + ["--steps", "1", "--cache-latents"]
+    with pytest.raises(KeyboardInterrupt):
+        train.main(flags + ["--out", str(tmp_path / "a")])
+    assert len(calls) == 2 and list((tmp_path / "latent-cache").iterdir()) == []
