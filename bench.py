@@ -16,6 +16,8 @@ process of its own (`--memory`: that table alone, also on a CPU).
 import argparse
 import gc
 import json
+import os
+import sys
 import time
 
 import torch
@@ -141,7 +143,6 @@ def memory_table(tiny, batch, res):
     """Each row of MEMORY_ROWS measured in a fresh process (on the CPU a process's peak cannot be reset) ->
     [dict(lora, cache, ckpt, trained, state_gb, start_gb, peak_gb, sec) or dict(..., failed=why)]."""
     import subprocess
-    import sys
     print_memory_header(tiny, batch, res, torch.cuda.is_available())
     rows = []
     for lora, cache, ckpt in MEMORY_ROWS:
@@ -163,13 +164,14 @@ def memory_row(tiny, batch, res, lora, cache, ckpt):
     import resource
     from itertools import repeat
     import train
-    with open("/proc/self/oom_score_adj", "w") as f:  # if the machine runs out, the kernel ends this process
-        f.write("1000")
+    if os.path.exists("/proc/self/oom_score_adj"):  # Linux: if the machine runs out, the kernel ends this process
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
     args = argparse.Namespace(**{**train.defaults("tiny" if tiny else "sd15", None), "batch_size": batch,
                                  "lora": lora, "lora_alpha": lora and float(lora), "cache_latents": cache,
                                  "grad_ckpt": ckpt, "rsc_t_max": 1000})
     d = train.init_distributed()
-    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2**30
     start = 0.0 if d.cuda else rss()
     torch.manual_seed(0)
     with torch.device(d.device):
