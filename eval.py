@@ -168,6 +168,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.n < 2:
         p.error(f"--n {args.n}: FD fits a covariance to the generated images, which needs at least 2")
+    if not 1 <= args.steps <= 1000:  # DDIM strides over SD's 1000 training timesteps
+        p.error(f"--steps {args.steps}: DDIM steps, from 1 to 1000 (the schedule's timesteps)")
+    if args.batch < 1:
+        p.error(f"--batch {args.batch}: images generated per batch, at least 1")
     if args.res is not None:
         try:
             args.res = res_name(parse_res(args.res))

@@ -31,6 +31,10 @@ def main(argv=None):
     p.add_argument("--out", default="grid.png", help="the PNG to write (default grid.png)")
     p.add_argument("--weights", choices=["ema", "live"], help="the EMA or the trained weights (default: EMA if any)")
     args = p.parse_args(argv)
+    if args.n < 1:
+        p.error(f"--n {args.n}: images per prompt, at least 1")
+    if not 1 <= args.steps <= 1000:  # DDIM strides over SD's 1000 training timesteps
+        p.error(f"--steps {args.steps}: DDIM steps, from 1 to 1000 (the schedule's timesteps)")
     try:
         ckpt = latest_checkpoint(args.ckpt)
         W, H = parse_res(read_state(ckpt)["args"]["res"])  # (W, H) the run trained at

@@ -45,6 +45,23 @@ def test_sample_writes_a_grid(run, tmp_path, capsys):
     assert "no checkpoint here" in capsys.readouterr().err
 
 
+def test_sample_and_eval_refuse_counts_they_cannot_run(run, tmp_path, capsys):
+    """--n 0 crashed in the text tower, --steps 0 divided by zero, --batch 0 crashed in range(), and --steps over
+    1000 sampled every step at timestep 1 and wrote the result as if all were well: each is now one line."""
+    out = ["--out", str(tmp_path / "g.png")]
+    cases = [(sample.main, ["--prompt", "x", "--n", "0"] + out, "--n 0: images per prompt, at least 1"),
+             (sample.main, ["--prompt", "x", "--steps", "0"] + out, "--steps 0: DDIM steps, from 1 to 1000"),
+             (sample.main, ["--prompt", "x", "--n", "1", "--steps", "1001"] + out, "--steps 1001: DDIM steps"),
+             (ev.main, ["--n", "2", "--steps", "0"], "--steps 0: DDIM steps, from 1 to 1000"),
+             (ev.main, ["--n", "2", "--steps", "1001"], "--steps 1001: DDIM steps"),
+             (ev.main, ["--n", "2", "--steps", "2", "--batch", "0"], "--batch 0: images generated per batch")]
+    for main, flags, says in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["--ckpt", str(run)] + flags)
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_weights_ema_or_live(run, tmp_path, monkeypatch, capsys):
     ckpt = run / "step_000002"
     live = read_safetensors(ckpt / "live.safetensors")
