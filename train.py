@@ -158,6 +158,8 @@ def parse_args(argv=None):
         p.error(f"--res: {e}")
     if not 0 <= args["caption_dropout"] <= 1:
         p.error(f"--caption-dropout {args['caption_dropout']}: a probability, from 0 to 1")
+    if args["grad_accum"] < 1:
+        p.error(f"--grad-accum {args['grad_accum']}: micro-steps per optimizer step, at least 1")
     if args["lora"] is not None and args["lora"] < 1:
         p.error(f"--lora {args['lora']}: the adapters' rank, at least 1 (e.g. 8)")
     if args["lora"] and args["lora_alpha"] is None:
@@ -330,7 +332,7 @@ def micro_batch(args, world):
     """The samples of one rank's micro-step: --batch-size is split over the ranks and the --grad-accum micro-steps."""
     micro, rem = divmod(args.batch_size, world * args.grad_accum)
     if rem or not micro:
-        raise RunError(f"--batch-size {args.batch_size} must be a multiple of ranks × --grad-accum "
+        raise RunError(f"--batch-size {args.batch_size} must be a positive multiple of ranks × --grad-accum "
                        f"= {world} × {args.grad_accum}")
     return micro
 

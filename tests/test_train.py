@@ -250,6 +250,15 @@ def test_tiny_defaults_apply_on_any_data():
 
 
 
+def test_batch_and_grad_accum_below_one_stop_with_one_line(capsys):
+    """--grad-accum 0 divided by zero in micro_batch; --batch-size 0 was called not a multiple of 1."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--data", "demo", "--grad-accum", "0"])
+    assert e.value.code == 2 and "--grad-accum 0: micro-steps per optimizer step, at least 1" in capsys.readouterr().err
+    with pytest.raises(train.RunError, match="--batch-size 0 must be a positive multiple of ranks"):
+        train.micro_batch(train.parse_args(["--data", "demo", "--batch-size", "0"]), 1)
+
+
 def test_fashion_presets_train_portrait_and_res_is_stored_as_before():
     for data in ("fashion_woman", "fashion_man", "ecommerce_product"):
         assert train.parse_args(["--data", data]).res == "512x768"  # 2:3 photos: heads and shoes kept
