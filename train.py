@@ -277,7 +277,8 @@ def train(args):
             if at_save:
                 save(model, named, opt, ema, step, run, args, d)
             progress.t_line = time.time()  # validating and saving are not training time
-    say(f"done: {step} steps; checkpoints in {run}/, samples in {run / 'samples'}/")
+    samples = f", samples in {run / 'samples'}/" if (run / "samples").is_dir() else ""  # none without validation
+    say(f"done: {step} steps; checkpoints in {run}/{samples}")
     return 0
 
 

@@ -338,6 +338,8 @@ def test_a_folder_without_test_rows_trains_without_validation(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no test images: all 4 usable rows are in train" in err and "--eval-every 0" in err
     assert train.main(flags + ["--eval-every", "0"]) == 0
+    out = capsys.readouterr().out  # no validation, no sample grid: the last line names no samples folder
+    assert f"done: 1 steps; checkpoints in {tmp_path / 'r'}/\n" in out and "samples" not in out
 
 
 # A per-step hook, then train.main: argv = SIGNAL STEP TO train-flags... At the start of step STEP the
