@@ -366,7 +366,8 @@ def main():
         n = n or args.batch
         rows.append(dict(case=case, impl=impl, img_s=n / sec, ms=sec * 1e3, mem_gb=mem, step_gb=step_mem,
                          mfu=flops[case] / sec / peak if case in flops else float("nan")))
-        print(f"{case:8s} {impl:36s} {n / sec:8.2f} img/s {sec * 1e3:9.1f} ms {mem:6.1f} GB", flush=True)
+        print(f"{case:8s} {impl:36s} {n / sec:8.2f} img/s {sec * 1e3:9.1f} ms" + (f" {mem:6.1f} GB" if dev.type == "cuda"
+                                                                                  else ""), flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(device=device_name(dev), peak=peak, batch=args.batch, res=args.res, rows=rows,
@@ -458,9 +459,11 @@ def device_name(dev):
 
 
 def print_table(rows, device, peak, batch, res):
-    print(f"\n{device}; batch {batch}, {res} px, bf16 autocast on CUDA; measured bf16 matmul {peak / 1e12:.0f} TFLOP/s\n")
+    rate = f"; measured bf16 matmul {peak / 1e12:.0f} TFLOP/s" if peak == peak else ""  # NaN off CUDA
+    print(f"\n{device}; batch {batch}, {res} px, bf16 autocast on CUDA{rate}\n")
     print("peak GB: the process's peak allocation; step GB: that peak less the memory allocated before the row's "
-          "first call (activations, gradients, optimizer state). Memory rows run first, with only our model built.\n")
+          "first call (activations, gradients, optimizer state); on CUDA only. The memory table (below) measures "
+          "train.py's step alone, each row in a process of its own.\n")
     print("| case | implementation | img/s | ms/step | peak GB | step GB | MFU | vs faster reference |")
     print("|---|---|---|---|---|---|---|---|")
     best = {}
