@@ -168,6 +168,40 @@ def parse_args(argv=None):
         args["lora_alpha"] = float(args["lora"])
     if args["snr_gamma"] is not None and args["snr_gamma"] <= 0:
         p.error(f"--snr-gamma {args['snr_gamma']}: must be > 0 (e.g. 5), or left out for the plain MSE")
+    if args["lora_alpha"] is not None and args["lora_alpha"] <= 0:  # 0 would freeze the adapters' update at zero
+        p.error(f"--lora-alpha {args['lora_alpha']}: scales the adapters' update by alpha / rank, must be > 0")
+    if args["steps"] < 1:
+        p.error(f"--steps {args['steps']}: optimizer steps in all, at least 1 (eval.py measures a run without training)")
+    if args["save_every"] < 0:
+        p.error(f"--save-every {args['save_every']}: steps between checkpoints, at least 0 (0: only at the end)")
+    if args["eval_every"] < 0:
+        p.error(f"--eval-every {args['eval_every']}: steps between validations, at least 0 (0: none)")
+    if args["warmup"] < 0:
+        p.error(f"--warmup {args['warmup']}: linear warm-up steps, at least 0")
+    if not 0 <= args["ema"] < 1:  # from 1: the warm-up's decay alone, ever closer to 1; below 0: past the weights
+        p.error(f"--ema {args['ema']}: the EMA's decay, from 0 (no EMA) up to but not including 1 (e.g. 0.9999)")
+    for part in ("unet", "clip"):
+        if args[f"lr_{part}"] <= 0:  # below 0 climbs the loss
+            p.error(f"--lr-{part} {args[f'lr_{part}']}: a peak learning rate, must be > 0 (to freeze a part, "
+                    "leave it out of --train)")
+    for loss in ("itc", "is", "rsc"):
+        if args[f"lambda_{loss}"] < 0:  # below 0 maximizes that loss
+            p.error(f"--lambda-{loss} {args[f'lambda_{loss}']}: a loss weight, at least 0 (0 switches the loss off)")
+    if not (args["lambda_itc"] or args["lambda_is"] or args["lambda_rsc"]):
+        p.error("--lambda-itc, --lambda-is and --lambda-rsc are all 0: no loss is left to train")
+    if not 1 <= args["rsc_t_max"] <= 1000:
+        p.error(f"--rsc-t-max {args['rsc_t_max']}: RSC uses the timesteps below it, from 1 to 1000 (the schedule's "
+                "timesteps; 1000: all)")
+    if args["max_grad_norm"] < 0:  # below 0 would flip the gradient
+        p.error(f"--max-grad-norm {args['max_grad_norm']}: the norm the gradient is clipped to, at least 0 (0: no "
+                "clipping)")
+    if args["workers"] is not None and args["workers"] < 0:
+        p.error(f"--workers {args['workers']}: data loader processes per rank, at least 0 (0: load in the training "
+                "process)")
+    if args["vae_steps"] < 0:
+        p.error(f"--vae-steps {args['vae_steps']}: steps fitting the tiny VAE, at least 0")
+    if args["train_size"] is not None and args["train_size"] < 1:
+        p.error(f"--train-size {args['train_size']}: the first N training items, at least 1 (default: all)")
     return argparse.Namespace(**args)
 
 
@@ -332,7 +366,7 @@ def init_distributed():
 def micro_batch(args, world):
     """The samples of one rank's micro-step: --batch-size is split over the ranks and the --grad-accum micro-steps."""
     micro, rem = divmod(args.batch_size, world * args.grad_accum)
-    if rem or not micro:
+    if rem or micro < 1:
         raise RunError(f"--batch-size {args.batch_size} must be a positive multiple of ranks × --grad-accum "
                        f"= {world} × {args.grad_accum}")
     return micro
