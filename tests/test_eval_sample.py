@@ -46,12 +46,15 @@ def test_sample_writes_a_grid(run, tmp_path, capsys):
 
 
 def test_sample_and_eval_refuse_counts_they_cannot_run(run, tmp_path, capsys):
-    """--n 0 crashed in the text tower, --steps 0 divided by zero, --batch 0 crashed in range(), and --steps over
-    1000 sampled every step at timestep 1 and wrote the result as if all were well: each is now one line."""
+    """--n 0 crashed in the text tower, --steps 0 divided by zero, --batch 0 crashed in range(), --steps over
+    1000 sampled every step at timestep 1 and wrote the result as if all were well, --height 0 drew the run's
+    size, --width -16 crashed in the sampler: each is now one line."""
     out = ["--out", str(tmp_path / "g.png")]
     cases = [(sample.main, ["--prompt", "x", "--n", "0"] + out, "--n 0: images per prompt, at least 1"),
              (sample.main, ["--prompt", "x", "--steps", "0"] + out, "--steps 0: DDIM steps, from 1 to 1000"),
              (sample.main, ["--prompt", "x", "--n", "1", "--steps", "1001"] + out, "--steps 1001: DDIM steps"),
+             (sample.main, ["--prompt", "x", "--height", "0"] + out, "--height 0: pixels, at least 1"),  # ignored
+             (sample.main, ["--prompt", "x", "--width", "-16"] + out, "--width -16: pixels, at least 1"),  # traceback
              (ev.main, ["--n", "2", "--steps", "0"], "--steps 0: DDIM steps, from 1 to 1000"),
              (ev.main, ["--n", "2", "--steps", "1001"], "--steps 1001: DDIM steps"),
              (ev.main, ["--n", "2", "--steps", "2", "--batch", "0"], "--batch 0: images generated per batch")]

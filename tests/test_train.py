@@ -257,6 +257,45 @@ def test_batch_and_grad_accum_below_one_stop_with_one_line(capsys):
     assert e.value.code == 2 and "--grad-accum 0: micro-steps per optimizer step, at least 1" in capsys.readouterr().err
     with pytest.raises(train.RunError, match="--batch-size 0 must be a positive multiple of ranks"):
         train.micro_batch(train.parse_args(["--data", "demo", "--batch-size", "0"]), 1)
+    with pytest.raises(train.RunError, match="--batch-size -4 must be a positive multiple of ranks"):  # was an IndexError
+        train.micro_batch(train.parse_args(["--data", "demo", "--batch-size", "-4"]), 1)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--steps", "0"], "--steps 0: optimizer steps in all, at least 1"),  # said done, with no checkpoint
+    (["--steps", "-3"], "--steps -3: optimizer steps in all, at least 1"),
+    (["--save-every", "-1"], "--save-every -1: steps between checkpoints, at least 0"),  # saved every step
+    (["--eval-every", "-1"], "--eval-every -1: steps between validations, at least 0"),  # validated every step
+    (["--warmup", "-5"], "--warmup -5: linear warm-up steps, at least 0"),
+    (["--ema", "1.5"], "--ema 1.5: the EMA's decay, from 0 (no EMA) up to but not including 1"),
+    (["--ema", "1"], "--ema 1.0: the EMA's decay"),
+    (["--ema", "-0.1"], "--ema -0.1: the EMA's decay"),  # overshot the weights
+    (["--lr-unet=-1e-5"], "--lr-unet -1e-05: a peak learning rate, must be > 0"),  # climbed the loss
+    (["--lr-clip", "0"], "--lr-clip 0.0: a peak learning rate, must be > 0"),
+    (["--lambda-is", "-1"], "--lambda-is -1.0: a loss weight, at least 0"),
+    (["--lambda-itc", "0", "--lambda-is", "0", "--lambda-rsc", "0"], "are all 0: no loss is left to train"),  # traceback
+    (["--rsc-t-max", "5000"], "--rsc-t-max 5000: RSC uses the timesteps below it, from 1 to 1000"),
+    (["--rsc-t-max", "0"], "--rsc-t-max 0: RSC uses the timesteps below it"),  # RSC silently off
+    (["--max-grad-norm", "-1"], "--max-grad-norm -1.0: the norm the gradient is clipped to, at least 0"),  # flipped it
+    (["--workers", "-2"], "--workers -2: data loader processes per rank, at least 0"),  # traceback
+    (["--vae-steps", "-1"], "--vae-steps -1: steps fitting the tiny VAE, at least 0"),  # traceback
+    (["--train-size", "0"], "--train-size 0: the first N training items, at least 1"),  # trained on all of them
+    (["--train-size", "-1"], "--train-size -1: the first N training items, at least 1"),  # traceback
+    (["--lora", "2", "--lora-alpha", "0"], "--lora-alpha 0.0: scales the adapters' update by alpha / rank"),  # froze them
+])
+def test_out_of_range_numbers_stop_with_one_line(flags, says, capsys):
+    """Each of these ran on silently wrong or crashed with a traceback (the comments say which)."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--data", "demo", *flags])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_the_edges_of_each_range_still_run():
+    """0 means something for these (off, none, only at the end); 1000 is all of RSC's timesteps."""
+    args = train.parse_args(["--data", "demo", "--save-every", "0", "--eval-every", "0", "--warmup", "0", "--ema", "0",
+                             "--lambda-itc", "0", "--lambda-rsc", "0", "--rsc-t-max", "1000", "--max-grad-norm", "0",
+                             "--workers", "0", "--vae-steps", "0", "--train-size", "1", "--steps", "1"])
+    assert (args.save_every, args.ema, args.lambda_is, args.rsc_t_max, args.workers) == (0, 0, 1.0, 1000, 0)
 
 
 def test_fashion_presets_train_portrait_and_res_is_stored_as_before():
