@@ -180,9 +180,21 @@ def main(argv=None):
     p.add_argument("--out", default="runs/ablation", help="folder for the runs and results (default runs/ablation)")
     p.add_argument("--plot", help="the PNG plot (default OUT/ablation.png)")
     args = p.parse_args(argv)
-    arms, seeds = args.arms.split(","), [int(s) for s in args.seeds.split(",")]
+    arms, seeds = args.arms.split(","), args.seeds.split(",")
     if set(arms) - set(ARMS):
         p.error(f"unknown arm(s) {sorted(set(arms) - set(ARMS))}: choose from {', '.join(ARMS)}")
+    if not all(s.isdigit() for s in seeds):  # int() stopped with a traceback
+        p.error(f"--seeds {args.seeds}: comma-separated whole numbers, e.g. 0,1,2")
+    seeds = [int(s) for s in seeds]
+    if args.steps < 1:  # 0 reported the start model under each arm's name
+        p.error(f"--steps {args.steps}: fine-tuning steps, at least 1")
+    if args.every < 0:  # below 0 measured every step
+        p.error(f"--every {args.every}: steps between retrieval measurements, at least 0 (0: only at the end)")
+    for flag, n in (("--train-size", args.train_size), ("--n-eval", args.n_eval)):
+        if n is not None and n < 1:  # 0 used all of them, below 0 crashed
+            p.error(f"{flag} {n}: the first N items, at least 1 (default: all)")
+    if args.n_gen < 2:  # 0 and below crashed
+        p.error(f"--n-gen {args.n_gen}: FD fits a covariance to the generated images, which needs at least 2")
     args.res = demo["res"]
     t0 = time.time()
     torch.manual_seed(0)

@@ -325,6 +325,15 @@ def main():
                    help="only the memory table (any machine; on the CPU batch 1 at 256 px, tiny: 2 at 32 px)")
     p.add_argument("--memory-row", help=argparse.SUPPRESS)  # one row of it, in a process of its own
     args = p.parse_args()
+    unknown = set(args.cases.split(",")) - set(p.get_default("cases").split(","))
+    if unknown:  # an unknown case printed an empty table
+        p.error(f"--cases {args.cases}: unknown {', '.join(sorted(unknown))}; choose from {p.get_default('cases')}")
+    for flag, what in (("batch", "images per training step"), ("iters", "timed steps per row"),
+                       ("sample_batch", "images per sampler call"), ("steps", "DDIM steps when sampling")):
+        if getattr(args, flag) < 1:  # e.g. --batch 0 crashed in the model, --iters 0 has no median
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {what}, at least 1")
+    if args.res is not None and args.res < 1:  # 0 measured the default 512 px unsaid
+        p.error(f"--res {args.res}: the images' side in pixels, at least 1")
     if args.flops or not args.memory:
         args.res = args.res or 512
     if args.flops:

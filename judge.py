@@ -31,7 +31,7 @@ from data import COLOURS, DOMAIN_COLOURS, DOMAIN_KINDS, HEMS, PATTERNS, SHAPES, 
 from eval import embed, retrieval
 from train import SAMPLE
 from unidiff import UniDiff
-from weights import load_strict, read_safetensors, save_safetensors
+from weights import WeightsError, load_strict, read_safetensors, save_safetensors
 
 SHIPPED = Path(__file__).resolve().parent / "assets" / "judge.safetensors"  # wherever the command runs from
 RES = 32  # the tiny UniDiff's resolution (the demo's --res): other sizes are resized to it
@@ -198,6 +198,14 @@ def main(argv=None):
                     f"({SAMPLE['steps']} DDIM steps, guidance {SAMPLE['guidance']:g}, as train.py validates)")
     ev.add_argument("--n", type=int, help="the first N items of each test split (default: all)")
     args = parser.parse_args(argv)
+    if args.command == "train" and args.steps < 1:  # each crashed with a traceback
+        tr.error(f"--steps {args.steps}: batches of 128, at least 1")
+    if args.command == "train" and args.renders < 1:
+        tr.error(f"--renders {args.renders}: images rendered to train on, at least 1")
+    if args.command == "eval" and args.n is not None and args.n < 1:  # 0 measured all of them
+        ev.error(f"--n {args.n}: the first N items of each test split, at least 1 (default: all)")
+    if args.command == "eval" and not Path(args.judge).is_file():
+        ev.error(f"--judge {args.judge}: no such file (default: the shipped {SHIPPED.name})")
     if args.command == "train":
         # One thread: on a busy 2-core machine this small net trained 5x faster than on two (measured),
         # and the judge then does not depend on how many cores the machine has.
@@ -210,7 +218,12 @@ def main(argv=None):
     if args.command == "train":
         return report(load_judge(args.out)) or 0
     torch.manual_seed(0)
-    report(load_judge(args.judge), args.model and UniDiff.from_pretrained(args.model).eval(), args.n)
+    try:
+        model = args.model and UniDiff.from_pretrained(args.model).eval()
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report(load_judge(args.judge), model, args.n)
     return 0
 
 

@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_tiny_smoke(tmp_path):
     """bench.py --tiny runs every case on the CPU and prints the table (speed is measured on a GPU, not here)."""
@@ -52,3 +54,13 @@ def test_flops_cached_latents_save_the_vae_encoder_and_nothing_else(capsys):
     bench.print_flops(True, 2, 32)
     pixels, cached = rows["SD step (UNet trained)"]
     assert f"| SD step (UNet trained) | {pixels / 1e9:.2f} GFLOP | {cached / 1e9:.2f} GFLOP (-" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--cases", "sd,foo"], "--cases sd,foo: unknown foo; choose from sd,clip,unidiff,sample,memory"),  # empty table
+    (["--batch", "0"], "--batch 0: images per training step, at least 1"),  # crashed in the model
+    (["--res", "0"], "--res 0: the images' side in pixels, at least 1"),  # measured 512 px unsaid
+])
+def test_bad_flags_stop_with_one_line(flags, says):
+    out = subprocess.run([sys.executable, "bench.py", "--flops", *flags], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr

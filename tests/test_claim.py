@@ -2,6 +2,7 @@
 import json
 import math
 
+import pytest
 import torch
 from PIL import Image
 
@@ -58,3 +59,17 @@ def test_ablation_runs_end_to_end_at_micro_scale(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert all(f"| {arm} |" in md for arm in arms)
     assert Image.open(tmp_path / "ablation.png").size[0] > 500
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--seeds", "0,a"], "--seeds 0,a: comma-separated whole numbers"),  # int() crashed
+    (["--steps", "0"], "--steps 0: fine-tuning steps, at least 1"),  # reported the start model under each arm
+    (["--every", "-1"], "--every -1: steps between retrieval measurements, at least 0"),  # measured every step
+    (["--train-size", "0"], "--train-size 0: the first N items, at least 1"),  # trained on all of them
+    (["--n-eval", "-1"], "--n-eval -1: the first N items, at least 1"),  # crashed
+    (["--n-gen", "0"], "--n-gen 0: FD fits a covariance to the generated images, which needs at least 2"),  # crashed
+])
+def test_ablation_refuses_bad_numbers_with_one_line(flags, says, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ablation.main(flags + ["--out", str(tmp_path)])
+    assert e.value.code == 2 and says in capsys.readouterr().err

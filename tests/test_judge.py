@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -51,3 +52,22 @@ def test_judge_trains_end_to_end_and_is_deterministic(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["command"] == f"python judge.py train --out {path} --steps 2 --renders 16 --seed 0"
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train", "--steps", "0"], "--steps 0: batches of 128, at least 1"),  # divided by zero
+    (["train", "--renders", "0"], "--renders 0: images rendered to train on, at least 1"),  # crashed in np.stack
+    (["eval", "--n", "0"], "--n 0: the first N items of each test split, at least 1"),  # measured all of them
+    (["eval", "--n", "-1"], "--n -1: the first N items of each test split, at least 1"),  # crashed in torch.stack
+    (["eval", "--judge", "no/such.safetensors"], "--judge no/such.safetensors: no such file"),  # an OSError
+])
+def test_bad_numbers_and_paths_stop_with_one_line(argv, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        judge.main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_eval_of_a_model_folder_that_is_not_there_says_so(tmp_path, capsys):
+    assert judge.main(["eval", "--model", str(tmp_path / "nope"), "--n", "2"]) == 2  # was a WeightsError traceback
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'nope'}") and err.count("\n") == 1
