@@ -168,6 +168,10 @@ def parse_args(argv=None):
         args["lora_alpha"] = float(args["lora"])
     if args["snr_gamma"] is not None and args["snr_gamma"] <= 0:
         p.error(f"--snr-gamma {args['snr_gamma']}: must be > 0 (e.g. 5), or left out for the plain MSE")
+    if "lora_alpha" in given and not args["lora"]:  # else ignored: the weights themselves would train
+        p.error(f"--lora-alpha {given['lora_alpha']:g}: scales LoRA's adapters; give --lora RANK too")
+    if "ood_data" in given and not args["eval_every"]:  # else never opened: a typo in it would pass unsaid
+        p.error(f"--ood-data {given['ood_data']}: measured at each validation, and --eval-every 0 has none")
     if args["lora_alpha"] is not None and args["lora_alpha"] <= 0:  # 0 would freeze the adapters' update at zero
         p.error(f"--lora-alpha {args['lora_alpha']}: scales the adapters' update by alpha / rank, must be > 0")
     if args["steps"] < 1:

@@ -282,6 +282,8 @@ def test_batch_and_grad_accum_below_one_stop_with_one_line(capsys):
     (["--train-size", "0"], "--train-size 0: the first N training items, at least 1"),  # trained on all of them
     (["--train-size", "-1"], "--train-size -1: the first N training items, at least 1"),  # traceback
     (["--lora", "2", "--lora-alpha", "0"], "--lora-alpha 0.0: scales the adapters' update by alpha / rank"),  # froze them
+    (["--lora-alpha", "16"], "--lora-alpha 16: scales LoRA's adapters; give --lora RANK too"),  # a full fine-tune
+    (["--ood-data", "wrold", "--eval-every", "0"], "--ood-data wrold: measured at each validation"),  # never opened
 ])
 def test_out_of_range_numbers_stop_with_one_line(flags, says, capsys):
     """Each of these ran on silently wrong or crashed with a traceback (the comments say which)."""
