@@ -649,13 +649,12 @@ def test_interrupted_caching_leaves_no_partial_cache_file(tmp_path, monkeypatch)
     """Ctrl-C while the latent cache is written (before the training loop's own handler) removes the file being
     written, as large as a whole cache: nothing is left behind in latent-cache/."""
     import latent_cache
-    calls = []
-    def write_rows(*a):
+    real, calls = latent_cache.write_rows, []
+    def write_rows(*a):  # the second batch is interrupted
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a)
-    real = latent_cache.write_rows
     monkeypatch.setattr(train, "write_rows", write_rows)
     flags = cache_flags(world_folder(tmp_path / "set")) + ["--steps", "1", "--cache-latents"]
     with pytest.raises(KeyboardInterrupt):
