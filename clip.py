@@ -21,7 +21,7 @@ from einops import rearrange
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
-from weights import WeightsError, find_weights, load_strict, read_config, read_safetensors, save_safetensors
+from weights import WeightsError, find_weights, load_strict, read_config, read_safetensors, save_model
 
 # -----------------------------------------------------------------------------
 # Model
@@ -169,8 +169,7 @@ class CLIP(nn.Module):
         if self.text_projection is None:
             raise ValueError("this CLIP is a text encoder only (CLIPTextModel layout, e.g. SD's text_encoder): "
                              "it has no text_projection, so no encode_text. Load a full CLIP for ITC/RSC.")
-        # Pool at end-of-text: EOS (49407) is the largest id, so argmax finds its first occurrence
-        # (transformers' rule for the openai configs, eos_token_id=2, and equal to its first-EOS rule).
+        # Pool at the first EOS: 49407 is the largest id, so argmax finds it (transformers' rule, either eos_token_id).
         return self.text_projection(hidden[torch.arange(len(ids), device=ids.device), ids.argmax(-1)])
 
     def encode_text(self, ids):
@@ -192,12 +191,11 @@ class CLIP(nn.Module):
             model = cls(cfg or infer_config(sd))
         return load_strict(model.to_empty(device="cpu"), sd, source)
 
-    def save(self, folder):
-        """`model.safetensors` + `config.json`: a folder transformers' CLIPModel/CLIPTextModel opens."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_safetensors(self.state_dict(), folder / "model.safetensors", metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps(self.cfg.to_json(), indent=2))
+    def save(self, folder, text_only=False):
+        """`model.safetensors` + `config.json`: a folder transformers' CLIPModel/CLIPTextModel opens;
+        `text_only`: the text tower alone, a CLIPTextModel (SD's text_encoder)."""
+        sd = self.text_model.state_dict(prefix="text_model.") if text_only else self.state_dict()
+        save_model(folder, "model.safetensors", sd, self.cfg.to_json(text_only))
 
 
 # -----------------------------------------------------------------------------
@@ -303,7 +301,7 @@ def load_clip(path):
     """A transformers CLIPModel or CLIPTextModel safetensors file, or the folder holding it."""
     file = find_weights(path, ["model.safetensors", "model.fp16.safetensors"])
     cfg = read_config(file)
-    return CLIP.from_state_dict(read_safetensors(file), cfg and CLIPConfig.from_json(cfg), source=str(file))
+    return CLIP.from_state_dict(read_safetensors(file), CLIPConfig.from_json(cfg) if cfg else None, source=str(file))
 
 
 # -----------------------------------------------------------------------------

@@ -31,6 +31,8 @@ from data import TEST_FRACTION, DataError, open_dataset, parse_res, res_name
 from runs import RunError, autocast, check_size, latest_checkpoint, load_model, load_start, read_state
 from weights import WeightsError
 
+SAMPLE = dict(n=8, steps=25, guidance=5.0)  # the validation grid: 8 test captions, 25 DDIM steps
+
 
 @torch.no_grad()
 def embed_images(model, pixels, batch=64):
@@ -151,7 +153,7 @@ def table(columns):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a run against the model it started from (Markdown table).")
     p.add_argument("--ckpt", required=True, help="a run folder (its latest checkpoint) or one checkpoint folder")
     p.add_argument("--data", help="a preset or folder (default: the run's --data); its test split is used: the rows "
@@ -177,6 +179,11 @@ def main(argv=None):
             args.res = res_name(parse_res(args.res))
         except ValueError as e:
             p.error(f"--res: {e}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         ckpt = latest_checkpoint(args.ckpt)
         run_args = read_state(ckpt)["args"]

@@ -11,13 +11,19 @@ import hashlib
 import json
 import math
 import os
+import time
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from data import FolderDataset
+from data import DataError, FolderDataset, parse_res
+from runs import autocast, fmt_time
 from unidiff import Encoded
+
+PROGRESS_EVERY = 5  # seconds between progress lines while encoding
 
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}  # safetensors' names
 
@@ -86,3 +92,69 @@ class CachedSet(Dataset):
         if self.file is None:  # opened where it is read (a loader worker): an open file does not pickle
             self.file = safe_open(self.path, "pt")
         return Encoded(*(self.file.get_slice(name)[i] for name in Encoded._fields)), self.captions[i]
+
+
+def cached_training_set(model, train_set, data, res, run, micro, d, say, workers):
+    """--cache-latents: the training set read from its cache in latent-cache/ beside the run folder, shared by the
+    runs there. Without one for this data, resolution, VAE and precision, it is made first: each DDP rank (`d`)
+    encodes its share of the rows into one file, renamed into place when complete."""
+    # autocast's precision (runs.autocast): the VAE's last layer and CLIP's first compute in it, so nothing is lost
+    dtype = torch.bfloat16 if d.cuda else torch.float32
+    folder, name, n = run.parent / "latent-cache", Path(data).name, len(train_set)
+    path, captions = cache_file(folder, name, train_set, res, model.vae, dtype), train_set.captions
+    if path.is_file():
+        say(f"latent cache: {path} ({n} images; made for this data, resolution, VAE and precision)")
+        return CachedSet(path, captions)
+    (W, H), c, r = parse_res(res), model.vae.cfg.latent_channels, model.clip.cfg.vision.image_size
+    latent = (n, c, H // model.down, W // model.down)
+    shapes = {"mean": latent, "logvar": latent, "clip": (n, 3, r, r)}
+    others = [p.name for p in folder.glob(f"{name}-*.safetensors")]
+    say(f"latent cache: encoding the {n} training images once into {path} "
+        f"({sum(map(math.prod, shapes.values())) * dtype.itemsize / 1e6:,.1f} MB)"
+        + (f"; not reusing {', '.join(others)}: made for other data, resolution, VAE or precision" if others else ""))
+    tmp = folder / f".{path.name}.{run.name}.tmp"
+    if d.master:
+        folder.mkdir(parents=True, exist_ok=True)
+        create(tmp, shapes, dtype)
+    d.barrier()
+    t0 = time.time()
+    replaced = encode_share(model, train_set, tmp, shapes, dtype, micro, d, say, workers)
+    if d.master and replaced:
+        tmp.unlink()
+    elif d.master:
+        os.replace(tmp, path)
+    d.barrier()
+    if replaced:
+        raise DataError(f"{replaced} training image(s) could not be read while caching (named above): remove them "
+                        f"from {data} and run again")
+    say(f"latent cache: {n} images encoded in {fmt_time(time.time() - t0)}, into {path}")
+    return CachedSet(path, captions)
+
+
+def encode_share(model, train_set, tmp, shapes, dtype, micro, d, say, workers):
+    """This rank's rows of the cache, written into `tmp`; returns how many images, over all ranks, could not be
+    read (a folder's unreadable image comes back as the next one, with its caption: not row i's pair)."""
+    n, captions = len(train_set), train_set.captions
+    _, where = layout(shapes, dtype)
+    lo, hi = d.rank * n // d.world, (d.rank + 1) * n // d.world  # this rank's rows
+    loader = DataLoader(Subset(train_set, range(lo, hi)), batch_size=micro, num_workers=workers)
+    t0 = t_said = time.time()
+    row, replaced = lo, 0
+    try:
+        with open(tmp, "r+b") as f:
+            for pixels, texts in loader:
+                with autocast(d.device):
+                    write_rows(f, where, row, model.encode(pixels.to(d.device)), dtype)
+                replaced += sum(text != captions[i] for i, text in enumerate(texts, row))
+                row += len(texts)
+                if time.time() - t_said >= PROGRESS_EVERY:
+                    t_said = time.time()
+                    say(f"latent cache: {row - lo}/{hi - lo} images encoded{' (rank 0, of its share)' if d.ddp else ''}"
+                        f" ({t_said - t0:.0f}s)")
+    except BaseException:  # Ctrl-C or an error: a half-written cache is as large as a whole one, and useless
+        tmp.unlink(missing_ok=True)
+        raise
+    replaced = torch.tensor([replaced], device=d.device)
+    if d.ddp:  # every rank learns whether any rank met an unreadable image, and that all have finished writing
+        dist.all_reduce(replaced)
+    return int(replaced)

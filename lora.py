@@ -54,22 +54,16 @@ class LoRA(nn.Module):
         return self.alpha / self.lora_down.out_features * (self.lora_up.weight @ self.lora_down.weight)
 
 
-def add_lora(layers, rank, alpha, generator=None):
-    """Adapters on the nn.Linear `layers` {name: layer}, their weights frozen -> nn.ModuleDict {name: LoRA}."""
-    for layer in layers.values():
-        layer.requires_grad_(False)
-    return nn.ModuleDict({name: LoRA(layer, rank, alpha, generator) for name, layer in layers.items()})
-
-
 def attention_lora(model, parts, rank, alpha, generator=None):
-    """Adapters on the attention projections of a UniDiff's `parts` (unet, text, vision), under kohya's names."""
+    """Adapters on the attention projections of a UniDiff's `parts` (unet, text, vision), their weights frozen
+    -> nn.ModuleDict {kohya's name: LoRA}."""
     layers = {}
     for part in parts:
         net, under = (model.unet, "") if part == "unet" else (model.clip, f"{part}_model.")
         for name, m in net.named_modules():
             if isinstance(m, nn.Linear) and name.startswith(under) and name.endswith(ATTENTION):
-                layers[PREFIX[part] + name.replace(".", "_")] = m
-    return add_lora(layers, rank, alpha, generator)
+                layers[PREFIX[part] + name.replace(".", "_")] = m.requires_grad_(False)
+    return nn.ModuleDict({name: LoRA(layer, rank, alpha, generator) for name, layer in layers.items()})
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Run folders: what train.py writes, and sample.py and eval.py read back.
+"""Run folders: what train.py writes, and sample.py and eval.py read back; and stopping a run cleanly.
 
     runs/demo/
         run.json            the model the run started from (eval.py's pretrained side and judge) and its arguments
@@ -20,11 +20,13 @@ disk while saving leaves the previous one as it was.
 import json
 import os
 import shutil
+import signal
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from lora import attention_lora, merge, merged, unmerge
@@ -39,6 +41,44 @@ class RunError(Exception):
 def autocast(device):
     """The precision of training and sampling: bf16 autocast on a GPU, fp32 on the CPU (bf16 is slow there)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class StopSignal:
+    """Ctrl-C or SIGTERM (schedulers, torchrun) inside: finish the step, save, exit; a second one exits at once.
+    The ranks agree after every step (torchrun kills them 30 s after forwarding the signal)."""
+
+    def __init__(self, ddp, say):
+        self.signum, self.say = 0, say  # the first signal's number, 0 until one comes
+        self.group = dist.new_group(backend="gloo") if ddp else None  # the flag goes host to host: no GPU sync
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+    def on_signal(self, signum, _):
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.say(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (a second Ctrl-C or SIGTERM "
+                 "quits without saving)")
+
+    def agreed(self):
+        """The signal to stop on after this step (0: none), the same on every rank, whichever rank got it."""
+        signum = self.signum  # read once: a signal arriving from here on counts for the next step
+        if self.group is not None:
+            flag = torch.tensor([signum])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            signum = int(flag)
+        return signum
 
 
 # ------------------------------------------------------------------------------ reading

@@ -35,7 +35,7 @@ def main(argv=None):
         p.error(f"--n {args.n}: images per prompt, at least 1")
     if not 1 <= args.steps <= 1000:  # DDIM strides over SD's 1000 training timesteps
         p.error(f"--steps {args.steps}: DDIM steps, from 1 to 1000 (the schedule's timesteps)")
-    for side in ("height", "width"):  # 0 fell back to the run's size unsaid, below 0 crashed in the sampler
+    for side in ("height", "width"):
         if getattr(args, side) is not None and getattr(args, side) < 1:
             p.error(f"--{side} {getattr(args, side)}: pixels, at least 1 (default: the run's training resolution)")
     try:

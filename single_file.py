@@ -5,7 +5,10 @@ One table of (diffusers prefix, original prefix) pairs per model, built from the
 used in both directions: a key is renamed by its longest matching prefix (keys that match none are the
 same in both layouts).
 """
-from weights import WeightsError, strip_prefix
+from clip import CLIP
+from unet import UNet
+from vae import VAE
+from weights import WeightsError, read_safetensors
 
 RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
@@ -81,23 +84,26 @@ def to_single_file(unet, vae, clip):
             **{"cond_stage_model.transformer.text_model." + k: x for k, x in t.items()}}
 
 
-def from_single_file(sd):
-    """An original-layout SD 1.x state dict -> (unet, vae, text encoder) state dicts with diffusers /
-    transformers names. EMA copies (model_ema.*) and the schedule buffers are not read."""
+def load_single_file(path):
+    """An original-layout SD 1.x .safetensors -> (UNet, VAE, CLIP text encoder), configs inferred from the shapes.
+    EMA copies (model_ema.*) and the schedule buffers are not read."""
+    sd = read_safetensors(path)
     if any(k.startswith("cond_stage_model.model.") for k in sd):
         raise WeightsError("this single file has an OpenCLIP text encoder (SD 2.x): convert it to the diffusers "
                            "folder layout (diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained)")
-    u, v = strip_prefix(sd, "model.diffusion_model."), strip_prefix(sd, "first_stage_model.")
-    t = strip_prefix(sd, "cond_stage_model.transformer.")  # with or without `text_model.`: CLIP takes both
+    strip = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    u, v = strip("model.diffusion_model."), strip("first_stage_model.")
+    t = strip("cond_stage_model.transformer.")  # with or without `text_model.`: CLIP takes both
     if not (u and v and t):
         raise WeightsError("not an SD 1.x single-file checkpoint: expected keys model.diffusion_model.*, "
                            f"first_stage_model.* and cond_stage_model.transformer.* (first keys: {list(sd)[:3]})")
-    idx = lambda prefix: {int(k.split(".")[1]) for k in u if k.startswith(prefix)}
-    L = min(i for i in idx("input_blocks.") if f"input_blocks.{i}.0.op.weight" in u) - 1 \
-        if any(k.endswith(".0.op.weight") for k in u) else len(idx("input_blocks.")) - 1  # no downsampler: 1 level
-    n = len(idx("input_blocks.")) // (L + 1)
+    blocks = {int(k.split(".")[1]) for k in u if k.startswith("input_blocks.")}
+    # the first downsampler ends the first level (none: one level)
+    L = min((i for i in blocks if f"input_blocks.{i}.0.op.weight" in u), default=len(blocks)) - 1
+    n = len(blocks) // (L + 1)
     cross = tuple(f"input_blocks.{b * (L + 1) + 1}.1.norm.weight" in u for b in range(n))
     vn = 1 + max(int(k.split(".")[2]) for k in v if k.startswith("encoder.down."))
     vL = 1 + max(int(k.split(".")[4]) for k in v if k.startswith("encoder.down.0.block."))
-    return (rename(u, unet_names(n, L, cross), False),
-            vae_attn_shape(rename(v, vae_names(vn, vL), False), conv=False), t)
+    return (UNet.from_state_dict(rename(u, unet_names(n, L, cross), False), source=str(path)),
+            VAE.from_state_dict(vae_attn_shape(rename(v, vae_names(vn, vL), False), conv=False), source=str(path)),
+            CLIP.from_state_dict(t, source=str(path)))

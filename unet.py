@@ -183,25 +183,18 @@ class UNet(nn.Module):
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
-        # Skip channels as forward pushes them (conv_in, each down resnet and downsampler) and pops them
-        # (each up resnet takes the running channels plus one popped skip's).
+        # skips: the channels forward pushes (conv_in, each down resnet, each downsampler); each up resnet pops one
         c, skips, self.down_blocks = ch[0], [ch[0]], nn.ModuleList()
         for i in range(n):
-            resnets = []
-            for _ in range(L):
-                resnets.append(res(c, ch[i]))
-                c = ch[i]
-                skips.append(c)
+            resnets = [res(c if j == 0 else ch[i], ch[i]) for j in range(L)]
+            c = ch[i]
+            skips += [c] * (L + (i < n - 1))
             self.down_blocks.append(Level(resnets, attn(i, L), down=Downsample(c) if i < n - 1 else None))
-            if i < n - 1:
-                skips.append(c)
         self.mid_block = Level([res(c, c), res(c, c)], [Transformer(c, heads[-1], cfg)])
         self.up_blocks = nn.ModuleList()
         for i in reversed(range(n)):
-            resnets = []
-            for _ in range(L + 1):
-                resnets.append(res(c + skips.pop(), ch[i]))
-                c = ch[i]
+            resnets = [res((c if j == 0 else ch[i]) + skips.pop(), ch[i]) for j in range(L + 1)]
+            c = ch[i]
             self.up_blocks.append(Level(resnets, attn(i, L + 1), up=Upsample(c) if i > 0 else None))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
@@ -307,8 +300,7 @@ PRESETS = {
     "sd15": UNetConfig(),
     "sd2": UNetConfig(num_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
                       upcast_attention=True, sample_size=96),  # 64-dim heads: 320/5 = 640/10 = 1280/20
-    # CPU-sized. Groups of 4+ channels: with one channel per group, GroupNorm would cancel the
-    # per-channel timestep shift and the UNet could not see t.
+    # CPU-sized; 4+ channels per group, as with one GroupNorm would cancel the per-channel timestep shift (t unseen).
     "tiny": UNetConfig(block_out_channels=(32, 64), cross_attn=(True, False), layers_per_block=1,
                        num_heads=2, cross_attention_dim=32, norm_num_groups=8, sample_size=32),
 }

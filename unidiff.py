@@ -16,12 +16,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip import CLIP, MEAN, STD, PRESETS as CLIP_PRESETS, CLIPConfig, Tokenizer, load_clip
+from clip import CLIP, MEAN, STD, PRESETS as CLIP_PRESETS, Tokenizer, load_clip
 from losses import gather, grad_times, is_loss, itc_loss, rsc_loss, snr, step_rows, v_target, world_size
 from unet import PRESETS as UNET_PRESETS, UNet, load_unet
 from vae import PRESETS as VAE_PRESETS, VAE, load_vae
-from single_file import from_single_file, to_single_file
-from weights import WeightsError, read_safetensors, save_safetensors
+from single_file import load_single_file, to_single_file
+from weights import WeightsError, save_model, save_safetensors
 
 log = logging.getLogger("unidiff")
 
@@ -60,8 +60,7 @@ def ddim_sample(unet, latents, context, uncond, alphas_cumprod, steps, guidance,
         a_prev = ac[t - ratio] if t >= ratio else ac[0]  # the last step lands on ᾱ_0, not 1
         x0, eps = x0_and_eps(x, out, a, v_prediction)
         sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()  # the noise added back: 0 for eta = 0
-        dir_xt = (1 - a_prev - sigma**2).sqrt() * eps  # the direction pointing to x_t
-        x_prev = a_prev.sqrt() * x0 + dir_xt
+        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps  # ẑ0 re-noised along ε̂, to t - ratio
         if eta > 0:
             x_prev = x_prev + sigma * torch.randn(x_prev.shape, generator=generator, dtype=x_prev.dtype).to(x.device)
         x = x_prev.to(latents.dtype)
@@ -224,10 +223,7 @@ class UniDiff(nn.Module):
             z0, noise, zt = self.noised_latents(images, t, draws)  # (B, 4, h, w) each
             pred = self.unet(zt, t, torch.where(drop[:, None, None], empty, hidden))
             target = v_target(z0, noise, self.alphas_cumprod, t) if self.v_prediction else noise
-            if snr_gamma:
-                is_ = is_loss(pred, target, snr(self.alphas_cumprod, t), snr_gamma, self.v_prediction)
-            else:
-                is_ = is_loss(pred, target)
+            is_ = is_loss(pred, target, snr(self.alphas_cumprod, t), snr_gamma or None, self.v_prediction)
         if lambda_rsc:  # RSC: the R rows with t < t_max, real and generated in one step, against the step's captions
             rows = (t_all[draws.mine] < t_max).nonzero()[:, 0]  # on the host: no sync, R = len(rows) known
             if len(rows):
@@ -320,9 +316,7 @@ class UniDiff(nn.Module):
             if clip is None and (sd / "clip").is_dir():
                 clip = sd / "clip"
         else:
-            u, v, t = from_single_file(read_safetensors(sd))
-            unet, vae = UNet.from_state_dict(u, source=str(sd)), VAE.from_state_dict(v, source=str(sd))
-            text = CLIP.from_state_dict(t, source=str(sd))
+            unet, vae, text = load_single_file(sd)
         if clip is None:
             return cls(text, unet, vae, v_pred)
         full = load_clip(clip)
@@ -337,15 +331,9 @@ class UniDiff(nn.Module):
         """A diffusers StableDiffusionPipeline folder (+ `clip/`, a transformers CLIPModel, when there is a
         vision tower); with `single_file`, also `model_single_file.safetensors` in the original layout."""
         folder = Path(folder)
-        for name, model, file in (("unet", self.unet, "diffusion_pytorch_model"),
-                                  ("vae", self.vae, "diffusion_pytorch_model")):
-            (folder / name).mkdir(parents=True, exist_ok=True)
-            save_safetensors(model.state_dict(), folder / name / f"{file}.safetensors", metadata={"format": "pt"})
-            (folder / name / "config.json").write_text(json.dumps(model.cfg.to_json(), indent=2))
-        with torch.device("meta"):
-            text = CLIP(CLIPConfig(self.clip.cfg.text, None, None))  # SD's text_encoder: a CLIPTextModel...
-        text.text_model = self.clip.text_model  # ...holding the shared tower
-        text.save(folder / "text_encoder")
+        for name, model in (("unet", self.unet), ("vae", self.vae)):
+            save_model(folder / name, "diffusion_pytorch_model.safetensors", model.state_dict(), model.cfg.to_json())
+        self.clip.save(folder / "text_encoder", text_only=True)  # SD's text_encoder: the shared text tower
         if self.clip.vision_model is not None:
             self.clip.save(folder / "clip")
         self.tokenizer.save(folder / "tokenizer")
@@ -353,8 +341,7 @@ class UniDiff(nn.Module):
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(
             _class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
             beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False, clip_sample=False,
-            timestep_spacing="leading",
-            prediction_type="v_prediction" if self.v_prediction else "epsilon"), indent=2))
+            timestep_spacing="leading", prediction_type="v_prediction" if self.v_prediction else "epsilon"), indent=2))
         (folder / "model_index.json").write_text(json.dumps(dict(
             _class_name="StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"],
             vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModel"],

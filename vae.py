@@ -168,8 +168,7 @@ class VAE(nn.Module):
     @classmethod
     def from_state_dict(cls, sd, cfg=None, source="state dict"):
         sd = rename_old_keys(sd)
-        model = cls(cfg or infer_config(sd))
-        return load_strict(model, sd, source)
+        return load_strict(cls(cfg or infer_config(sd)), sd, source)
 
 
 # -----------------------------------------------------------------------------
@@ -190,9 +189,8 @@ class VAEConfig:
     def to_json(self):
         """diffusers' AutoencoderKL config.json, so a saved folder opens with from_pretrained."""
         n = len(self.block_out_channels)
-        d = asdict(self)
-        d["block_out_channels"] = list(self.block_out_channels)
-        return {"_class_name": "AutoencoderKL", **d, "out_channels": self.in_channels, "act_fn": "silu",
+        return {"_class_name": "AutoencoderKL", **asdict(self), "block_out_channels": list(self.block_out_channels),
+                "out_channels": self.in_channels, "act_fn": "silu",
                 "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
 
     @classmethod
@@ -206,9 +204,7 @@ class VAEConfig:
         if bad:
             raise WeightsError(f"unsupported AutoencoderKL config: {', '.join(bad)}")
         kw = {f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None}
-        if "block_out_channels" in kw:
-            kw["block_out_channels"] = tuple(kw["block_out_channels"])
-        return cls(**kw)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
 
 
 def _aslist(v):  # config.json has lists, a live diffusers config may hold tuples

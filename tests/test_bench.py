@@ -1,14 +1,17 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_bench_tiny_smoke(tmp_path):
-    """bench.py --tiny runs every case on the CPU and prints the table (speed is measured on a GPU, not here)."""
-    out = subprocess.run([sys.executable, "bench.py", "--tiny", "--json", str(tmp_path / "rows.json")],
-                         capture_output=True, text=True, timeout=600)
+    """tools/bench.py --tiny runs every case on the CPU and prints the table (speed is measured on a GPU, not here)."""
+    out = subprocess.run([sys.executable, "-m", "tools.bench", "--tiny", "--json", str(tmp_path / "rows.json")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert {(r["case"], r["impl"]) for r in rows} >= {
@@ -43,10 +46,10 @@ def check_memory_rows(rows, stdout):
 
 
 def test_flops_cached_latents_save_the_vae_encoder_and_nothing_else(capsys):
-    """bench.py --flops: from cached latents each step costs its FLOPs from pixels less one VAE encode (none for
+    """tools/bench.py --flops: from cached latents each step costs its FLOPs from pixels less one VAE encode (none for
     CLIP's step, which never encodes); the table prints."""
     import math
-    import bench
+    from tools import bench
     rows, vae = bench.step_flops(tiny=True, batch=2, res=32)
     assert vae["encode"] > 0 and len(rows) == 4
     for name, (pixels, cached) in rows.items():
@@ -62,5 +65,6 @@ def test_flops_cached_latents_save_the_vae_encoder_and_nothing_else(capsys):
     (["--res", "0"], "--res 0: the images' side in pixels, at least 1"),  # measured 512 px unsaid
 ])
 def test_bad_flags_stop_with_one_line(flags, says):
-    out = subprocess.run([sys.executable, "bench.py", "--flops", *flags], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "tools.bench", "--flops", *flags], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr

@@ -6,23 +6,24 @@ import pytest
 import torch
 from PIL import Image
 
-import ablation
+import config
 import train
 from data import open_dataset
-from eval import embed, retrieval
-from judge import load_judge
+from eval import SAMPLE, embed, retrieval
 from runs import read_state
+from tools import ablation
+from tools.judge import load_judge
 from unidiff import UniDiff
 
 
 def test_shipped_tiny_model_reads_and_draws_the_world():
-    model = UniDiff.from_pretrained(train.PRETRAINED_TINY).eval()
+    model = UniDiff.from_pretrained(config.PRETRAINED_TINY).eval()
     world = open_dataset("world", "test", 32)
     world.keep_first(200)
     r = retrieval(*embed(model, world), world.captions)
     assert r["chance_r1"] < 1 and min(r["i2t_r1"], r["t2i_r1"]) > 40, r  # measured 72.5 / 66.5
     torch.manual_seed(0)
-    gen = model.generate(world.captions[:40], steps=train.SAMPLE["steps"], guidance=train.SAMPLE["guidance"],
+    gen = model.generate(world.captions[:40], steps=SAMPLE["steps"], guidance=SAMPLE["guidance"],
                          height=32, width=32)
     acc = load_judge().accuracy(gen, [world.label(i) for i in range(40)])
     # measured 0.25 / 0.70 / 0.95; chance 1/12, 1/10, 1/6: the shapes are the tiny model's weak part
@@ -36,8 +37,8 @@ def test_demo_fine_tunes_the_shipped_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test retrieval, 200 pairs" in out and "out of domain test retrieval, 1000 pairs" in out
     start = json.loads((run / "run.json").read_text())["start"]
-    assert start["weights"] == str(train.PRETRAINED_TINY)
-    init, shipped = UniDiff.from_pretrained(run / "init"), UniDiff.from_pretrained(train.PRETRAINED_TINY)
+    assert start["weights"] == str(config.PRETRAINED_TINY)
+    init, shipped = UniDiff.from_pretrained(run / "init"), UniDiff.from_pretrained(config.PRETRAINED_TINY)
     assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), shipped.state_dict().values()))
     # the grid: real, the start model (drawn at step 0), the fine-tuned model
     assert Image.open(run / "samples" / "step_000000.png").size == (8 * 32, 2 * 32)

@@ -1,4 +1,4 @@
-"""data.py: folders, bad input, seeded splits, the demo set, `prepare` on release-shaped fixtures."""
+"""data.py: folders, bad input, seeded splits, the demo set; tools/prepare.py on release-shaped fixtures."""
 import itertools
 import json
 import subprocess
@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+from tools import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -287,7 +288,7 @@ def deepfashion_release(src):
 def test_prepare_deepfashion(tmp_path, capsys):
     deepfashion_release(tmp_path / "src")
     out = tmp_path / "data"
-    assert data.main(["prepare", "deepfashion", "--src", str(tmp_path / "src"), "--out", str(out)]) == 0
+    assert prepare.main(["deepfashion", "--src", str(tmp_path / "src"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "fashion_man: 2 images" in printed and "fashion_woman: 7 images" in printed
     for line in ["skipped 2: unreadable image", "skipped 1: image without caption",
@@ -300,7 +301,7 @@ def test_prepare_deepfashion(tmp_path, capsys):
     ds = data.open_dataset("fashion_woman", split=None, size=16, root=out)
     assert len(ds) == 7 and not ds.skipped.counts and len(ds.converted.counts) == 5
     first = (out / "fashion_man" / "metadata.jsonl").read_text()
-    data.main(["prepare", "deepfashion", "--src", str(tmp_path / "src"), "--out", str(out)])  # rerun: same
+    prepare.main(["deepfashion", "--src", str(tmp_path / "src"), "--out", str(out)])  # rerun: same
     assert (out / "fashion_man" / "metadata.jsonl").read_text() == first
 
 
@@ -314,7 +315,7 @@ def test_prepare_deepfashion_keeps_each_garment_in_one_split(tmp_path):
             rgb(src / "images" / name, 8, 8, seed=g)
             captions[name] = f"Garment {g}."
     (src / "captions.json").write_text(json.dumps(captions))
-    data.main(["prepare", "deepfashion", "--src", str(src), "--out", str(tmp_path / "data")])
+    prepare.main(["deepfashion", "--src", str(src), "--out", str(tmp_path / "data")])
     rows = [json.loads(line) for line in (tmp_path / "data" / "fashion_woman" / "metadata.jsonl").read_text().splitlines()]
     split_of_garment = {}
     for r in rows:
@@ -326,7 +327,7 @@ def test_prepare_deepfashion_keeps_each_garment_in_one_split(tmp_path):
 
 
 def test_prepare_deepfashion_missing_release_is_clear(tmp_path, capsys):
-    assert data.main(["prepare", "deepfashion", "--src", str(tmp_path)]) == 1
+    assert prepare.main(["deepfashion", "--src", str(tmp_path)]) == 1
     assert "captions.json not found" in capsys.readouterr().err
 
 
@@ -347,7 +348,7 @@ def test_prepare_products(tmp_path, capsys):
     for i, id_ in enumerate(["15970", "39386", "59263", "21379", "1855", "1163", "777"]):
         rgb(src / "images" / f"{id_}.jpg", seed=i)
     (src / "images" / "9999.jpg").write_bytes(b"not an image at all")
-    assert data.main(["prepare", "products", "--src", str(src), "--out", str(out)]) == 0
+    assert prepare.main(["products", "--src", str(src), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "ecommerce_product: 3 images" in printed
     for line in ["skipped 3: image without caption", "skipped 1: caption without image",
@@ -364,7 +365,7 @@ def test_prepare_products(tmp_path, capsys):
 
 
 def test_cli_help():
-    result = subprocess.run([sys.executable, "data.py", "prepare", "--help"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "tools.prepare", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "deepfashion" in result.stdout and "--src" in result.stdout
 

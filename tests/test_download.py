@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from weights import (CLIP_REPO, WEIGHT_FILES, WeightsError, download, ensure_weights, pretrained, save_safetensors,
-                     weights_dir)
+from download import CLIP_REPO, WEIGHT_FILES, download, ensure_weights, pretrained, weights_dir
+from weights import WeightsError, save_safetensors
 
 
 class Hub(BaseHTTPRequestHandler):

@@ -1,4 +1,4 @@
-"""judge.py: the shipped judge reads real test renders; training runs end to end and is deterministic."""
+"""tools/judge.py: the shipped judge reads real test renders; training runs end to end and is deterministic."""
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 import data
-import judge
+from tools import judge
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "judge.safetensors"
 
@@ -50,7 +50,7 @@ def test_judge_trains_end_to_end_and_is_deterministic(tmp_path):
     loaded = judge.load_judge(path)
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["command"] == f"python judge.py train --out {path} --steps 2 --renders 16 --seed 0"
+        assert f.metadata()["command"] == f"python -m tools.judge train --out {path} --steps 2 --renders 16 --seed 0"
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
 
 

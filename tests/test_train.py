@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import runs
 import train
 from lora import attention_lora
@@ -240,11 +241,11 @@ def test_ddp_two_processes_equal_one(tmp_path, lora):
 def test_tiny_defaults_apply_on_any_data():
     folder = train.parse_args(["--data", "my/folder", "--model", "tiny"])
     demo = train.parse_args(["--data", "demo"])
-    for key, value in train.TINY.items():
+    for key, value in config.TINY.items():
         assert getattr(folder, key) == value
-        assert getattr(demo, key) == train.DEMO.get(key, value)
+        assert getattr(demo, key) == config.DEMO.get(key, value)
     assert folder.model == demo.model == "tiny" and folder.res == 32 and folder.out == str(Path("runs/folder"))
-    assert folder.weights is None and Path(demo.weights) == train.PRETRAINED_TINY and demo.ood_data == "world"
+    assert folder.weights is None and Path(demo.weights) == config.PRETRAINED_TINY and demo.ood_data == "world"
     sd15 = train.parse_args(["--data", "demo", "--model", "sd15", "--steps", "7"])
     assert (sd15.res, sd15.lr_unet, sd15.steps) == (512, 1e-5, 7)  # tiny's defaults only for the tiny model
 
@@ -256,9 +257,11 @@ def test_batch_and_grad_accum_below_one_stop_with_one_line(capsys):
         train.parse_args(["--data", "demo", "--grad-accum", "0"])
     assert e.value.code == 2 and "--grad-accum 0: micro-steps per optimizer step, at least 1" in capsys.readouterr().err
     with pytest.raises(train.RunError, match="--batch-size 0 must be a positive multiple of ranks"):
-        train.micro_batch(train.parse_args(["--data", "demo", "--batch-size", "0"]), 1)
+        cfg = train.parse_args(["--data", "demo", "--batch-size", "0"])
+        train.micro_batch(cfg.batch_size, cfg.grad_accum, 1)
     with pytest.raises(train.RunError, match="--batch-size -4 must be a positive multiple of ranks"):  # was an IndexError
-        train.micro_batch(train.parse_args(["--data", "demo", "--batch-size", "-4"]), 1)
+        cfg = train.parse_args(["--data", "demo", "--batch-size", "-4"])
+        train.micro_batch(cfg.batch_size, cfg.grad_accum, 1)
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -323,7 +326,7 @@ def test_help_states_the_defaults_the_code_uses(capsys):
         text = " ".join(text.split())
         key = text.split()[0][2:].replace("-", "_")
         m = re.search(r"\(default ([^;:)]+)((?:; \w+ [^;:)]+)*)", text)
-        if m is None or train.DEFAULTS.get(key) is None:  # e.g. --out, --workers: defaults in words
+        if m is None or config.DEFAULTS.get(key) is None:  # e.g. --out, --workers: defaults in words
             continue
         assert same(m[1], run["sd15"][key]), text
         shown = dict(part.split(" ", 1) for part in m[2].split("; ")[1:])  # e.g. {"tiny": "300", "demo": "200"}
@@ -334,9 +337,9 @@ def test_help_states_the_defaults_the_code_uses(capsys):
             if run[name][key] != run[prev][key]:
                 assert same(shown[name], run[name][key]), text
         checked.add(key)
-    assert set(train.TINY) | {"lambda_rsc", "rsc_t_max", "caption_dropout", "max_grad_norm", "vae_steps"} <= checked
-    assert set(train.DEMO) - {"weights", "ood_data"} <= checked  # those two: defaults in words
-    assert set(train.FASHION) <= checked
+    assert set(config.TINY) | {"lambda_rsc", "rsc_t_max", "caption_dropout", "max_grad_norm", "vae_steps"} <= checked
+    assert set(config.DEMO) - {"weights", "ood_data"} <= checked  # those two: defaults in words
+    assert set(config.FASHION) <= checked
 
 
 def test_snr_gamma_and_caption_dropout_reach_the_losses(tmp_path, monkeypatch):
@@ -655,7 +658,7 @@ def test_interrupted_caching_leaves_no_partial_cache_file(tmp_path, monkeypatch)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a)
-    monkeypatch.setattr(train, "write_rows", write_rows)
+    monkeypatch.setattr(latent_cache, "write_rows", write_rows)
     flags = cache_flags(world_folder(tmp_path / "set")) + ["--steps", "1", "--cache-latents"]
     with pytest.raises(KeyboardInterrupt):
         train.main(flags + ["--out", str(tmp_path / "a")])

@@ -11,7 +11,8 @@ import runs
 import train
 from single_file import to_single_file
 from unidiff import UniDiff
-from weights import CLIP_REPO, WeightsError, find_weights, load_strict, pretrained, read_safetensors, save_safetensors
+from download import CLIP_REPO, pretrained
+from weights import WeightsError, find_weights, load_strict, read_safetensors, save_safetensors
 
 
 def test_load_strict_names_bad_tensors():

@@ -2,8 +2,8 @@
 each combination of the losses, and measure what each does in the domain, out of it (forgetting), to the
 embedding space (collapse) and to generation (read by a frozen judge).
 
-    python ablation.py --plot assets/ablation.png          # the protocol in the README (test splits)
-    python ablation.py --split val --arms ITC+IS --seeds 0 --lr-clip 1e-4   # choosing it: validation only
+    python -m tools.ablation --plot assets/ablation.png          # the protocol in the README (test splits)
+    python -m tools.ablation --split val --arms ITC+IS --seeds 0 --lr-clip 1e-4   # choosing it: validation only
 
 Each arm is `train.py --data demo` with its loss weights, the same data, steps, learning rates and seeds;
 "pretrained" is the start model itself. Retrieval is measured at every checkpoint (a curve over steps),
@@ -19,13 +19,15 @@ from pathlib import Path
 import torch
 
 import train
+from config import defaults
 from data import open_dataset
-from eval import clip_score, collapse, embed, embed_images, embed_texts, frechet, generate, rankme, retrieval, uniformity
-from judge import load_judge
+from eval import (SAMPLE, clip_score, collapse, embed, embed_images, embed_texts, frechet, generate, rankme, retrieval,
+                  uniformity)
 from runs import checkpoints, load_model, read_state
+from tools.judge import load_judge
 from unidiff import UniDiff
 
-# λ_itc, λ_is, λ_rsc and RSC's variant per arm; the rest of the fine-tune is the demo's (train.py DEMO).
+# λ_itc, λ_is, λ_rsc and RSC's variant per arm; the rest of the fine-tune is the demo's (config.py DEMO).
 ARMS = {
     "pretrained": None,
     "ITC": dict(lambda_itc=1, lambda_is=0, lambda_rsc=0),
@@ -35,7 +37,6 @@ ARMS = {
     "ITC+IS+RSC one-way": dict(lambda_itc=1, lambda_is=1, lambda_rsc=0.1, rsc_one_way=True),
     "ITC+IS+RSC λ=1": dict(lambda_itc=1, lambda_is=1, lambda_rsc=1.0),
 }
-SAMPLE = train.SAMPLE  # generation as validation draws it: DDIM steps and guidance
 
 
 def fine_tune(arm, seed, args):
@@ -163,9 +164,10 @@ def plot(results, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    demo = train.defaults("tiny", "demo")
-    p = argparse.ArgumentParser(description="Fine-tune the pretrained tiny UniDiff per loss arm; measure each.")
+def parse_args(argv, demo):
+    """-> (args, arms, seeds as ints); a bad flag stops with one line."""
+    p = argparse.ArgumentParser(prog="python -m tools.ablation",
+                                description="Fine-tune the pretrained tiny UniDiff per loss arm; measure each.")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from: {', '.join(ARMS)} (default: all)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: data order and noise (default 0,1,2)")
     p.add_argument("--steps", type=int, default=demo["steps"], help=f"fine-tuning steps (default {demo['steps']})")
@@ -183,19 +185,39 @@ def main(argv=None):
     arms, seeds = args.arms.split(","), args.seeds.split(",")
     if set(arms) - set(ARMS):
         p.error(f"unknown arm(s) {sorted(set(arms) - set(ARMS))}: choose from {', '.join(ARMS)}")
-    if not all(s.isdigit() for s in seeds):  # int() stopped with a traceback
+    if not all(s.isdigit() for s in seeds):
         p.error(f"--seeds {args.seeds}: comma-separated whole numbers, e.g. 0,1,2")
-    seeds = [int(s) for s in seeds]
-    if args.steps < 1:  # 0 reported the start model under each arm's name
+    if args.steps < 1:
         p.error(f"--steps {args.steps}: fine-tuning steps, at least 1")
-    if args.every < 0:  # below 0 measured every step
+    if args.every < 0:
         p.error(f"--every {args.every}: steps between retrieval measurements, at least 0 (0: only at the end)")
     for flag, n in (("--train-size", args.train_size), ("--n-eval", args.n_eval)):
-        if n is not None and n < 1:  # 0 used all of them, below 0 crashed
+        if n is not None and n < 1:
             p.error(f"{flag} {n}: the first N items, at least 1 (default: all)")
-    if args.n_gen < 2:  # 0 and below crashed
+    if args.n_gen < 2:
         p.error(f"--n-gen {args.n_gen}: FD fits a covariance to the generated images, which needs at least 2")
     args.res = demo["res"]
+    return args, arms, [int(s) for s in seeds]
+
+
+def write_results(results, args, domain, world, t0):
+    """OUT/results.json, OUT/results.md and the plot; prints the tables."""
+    summ = summary(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    protocol = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
+    (out / "results.json").write_text(json.dumps({"protocol": protocol, "results": results,
+                                                  "summary": summ, "seconds": time.time() - t0}, indent=1))
+    text = markdown(summ) + (f"\n\n{args.split} splits: demo {len(domain)} pairs, world {len(world)} pairs; "
+                             f"seeds {args.seeds}; {args.steps} steps; {time.time() - t0:.0f}s in all.")
+    (out / "results.md").write_text(text + "\n")
+    plot(results, args.plot or out / "ablation.png")
+    print(text)
+
+
+def main(argv=None):
+    demo = defaults("tiny", "demo")
+    args, arms, seeds = parse_args(argv, demo)
     t0 = time.time()
     torch.manual_seed(0)
     domain = open_dataset("demo", args.split, args.res)
@@ -210,17 +232,7 @@ def main(argv=None):
         for seed in seeds[:1] if ARMS[arm] is None else seeds:  # the start model: the same for every seed
             results[arm][seed] = measured(arm, seed, start, judge, domain, world, args)
             print(f"ablation: {arm}, seed {seed} done ({time.time() - t0:.0f}s)", flush=True)
-    summ = summary(results)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    protocol = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
-    (out / "results.json").write_text(json.dumps({"protocol": protocol, "results": results,
-                                                  "summary": summ, "seconds": time.time() - t0}, indent=1))
-    text = markdown(summ) + (f"\n\n{args.split} splits: demo {len(domain)} pairs, world {len(world)} pairs; "
-                             f"seeds {args.seeds}; {args.steps} steps; {time.time() - t0:.0f}s in all.")
-    (out / "results.md").write_text(text + "\n")
-    plot(results, args.plot or out / "ablation.png")
-    print(text)
+    write_results(results, args, domain, world, t0)
     return 0
 
 

@@ -6,8 +6,8 @@ pattern and hem ("none" in the world). Trained once, on fresh renders of the syn
 domain (data.py) with their true labels, lightly augmented (shifts, blur, tint, noise) so it reads
 the attributes rather than the renderer's exact pixels; shipped as assets/judge.safetensors.
 
-    python judge.py train --out assets/judge.safetensors   # how the shipped judge was made
-    python judge.py eval                                   # its accuracy on real world / domain test renders
+    python -m tools.judge train --out assets/judge.safetensors   # how the shipped judge was made
+    python -m tools.judge eval                                   # its accuracy on real world / domain test renders
 
     judge = load_judge()
     judge.accuracy(images, labels)  # images: uint8 (B, H, W, 3) as UniDiff.generate returns them,
@@ -28,12 +28,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from data import COLOURS, DOMAIN_COLOURS, DOMAIN_KINDS, HEMS, PATTERNS, SHAPES, open_dataset, render_garment
-from eval import embed, retrieval
-from train import SAMPLE
+from eval import SAMPLE, embed, retrieval
 from unidiff import UniDiff
 from weights import WeightsError, load_strict, read_safetensors, save_safetensors
 
-SHIPPED = Path(__file__).resolve().parent / "assets" / "judge.safetensors"  # wherever the command runs from
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "judge.safetensors"  # wherever the command runs from
 RES = 32  # the tiny UniDiff's resolution (the demo's --res): other sizes are resized to it
 CLASSES = {"kind": list(SHAPES), "colour": list(COLOURS), "pattern": PATTERNS, "hem": ["none", *HEMS]}
 
@@ -185,7 +184,8 @@ def report(judge, model=None, n=None, log=print):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="The frozen attribute judge for generated 32 px garments.")
+    parser = argparse.ArgumentParser(prog="python -m tools.judge",
+                                     description="The frozen attribute judge for generated 32 px garments.")
     commands = parser.add_subparsers(dest="command", required=True)
     tr = commands.add_parser("train", help="train a judge from scratch on fresh renders, save it, report its accuracy")
     tr.add_argument("--out", default="assets/judge.safetensors", help="where to write it (default: %(default)s)")
@@ -198,11 +198,11 @@ def main(argv=None):
                     f"({SAMPLE['steps']} DDIM steps, guidance {SAMPLE['guidance']:g}, as train.py validates)")
     ev.add_argument("--n", type=int, help="the first N items of each test split (default: all)")
     args = parser.parse_args(argv)
-    if args.command == "train" and args.steps < 1:  # each crashed with a traceback
+    if args.command == "train" and args.steps < 1:
         tr.error(f"--steps {args.steps}: batches of 128, at least 1")
     if args.command == "train" and args.renders < 1:
         tr.error(f"--renders {args.renders}: images rendered to train on, at least 1")
-    if args.command == "eval" and args.n is not None and args.n < 1:  # 0 measured all of them
+    if args.command == "eval" and args.n is not None and args.n < 1:
         ev.error(f"--n {args.n}: the first N items of each test split, at least 1 (default: all)")
     if args.command == "eval" and not Path(args.judge).is_file():
         ev.error(f"--judge {args.judge}: no such file (default: the shipped {SHIPPED.name})")
@@ -212,10 +212,9 @@ def main(argv=None):
         torch.set_num_threads(1)
         t0 = time.time()
         judge = train(args.steps, args.renders, seed=args.seed)
-        save(judge, args.out, f"python judge.py train --out {args.out} --steps {args.steps} "
+        save(judge, args.out, f"python -m tools.judge train --out {args.out} --steps {args.steps} "
              f"--renders {args.renders} --seed {args.seed}")
         print(f"saved {args.out} ({time.time() - t0:.0f} s)")
-    if args.command == "train":
         return report(load_judge(args.out)) or 0
     torch.manual_seed(0)
     try:

@@ -1,9 +1,9 @@
 """Speed and memory, ours against the reference libraries, side by side in one process.
 
-    python bench.py                  # SD 1.5 UNet + VAE, CLIP ViT-L/14, batch 8, 512 px, bf16, one GPU
-    python bench.py --tiny           # tiny configs on the CPU: a smoke test of this script
-    python bench.py --flops          # model FLOPs per image of each step, from pixels and from cached latents
-    python bench.py --memory         # the memory of train.py's step: full vs LoRA, cached latents, grad ckpt
+    python -m tools.bench            # SD 1.5 UNet + VAE, CLIP ViT-L/14, batch 8, 512 px, bf16, one GPU
+    python -m tools.bench --tiny     # tiny configs on the CPU: a smoke test of this script
+    python -m tools.bench --flops    # model FLOPs per image of each step, from pixels and from cached latents
+    python -m tools.bench --memory   # the memory of train.py's step: full vs LoRA, cached latents, grad ckpt
 
 Same configs (the references are built from our configs' public-format JSON), same random
 weights, batch, inputs and precision (bf16 autocast, fp32 master weights, fused AdamW on
@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from losses import itc_loss
 from unidiff import Encoded, UniDiff, ddim_sample
 
 SCALE = 0.18215
+REPO = Path(__file__).resolve().parents[1]
 
 
 def random_model(tiny):
@@ -121,7 +123,7 @@ def matmul_peak(dev):
         return float("nan")
     n = 8192
     a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    sec, _ = timed(lambda: a @ b, dev, 3, 20)
+    sec = timed(lambda: a @ b, dev, 3, 20)[0]
     return 2 * n**3 / sec
 
 
@@ -147,7 +149,8 @@ def memory_table(tiny, batch, res):
     rows = []
     for lora, cache, ckpt in MEMORY_ROWS:
         cfg = dict(tiny=tiny, batch=batch, res=res, lora=lora, cache=cache, ckpt=ckpt)
-        out = subprocess.run([sys.executable, __file__, "--memory-row", json.dumps(cfg)], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "tools.bench", "--memory-row", json.dumps(cfg)], cwd=REPO,
+                             capture_output=True, text=True)
         if out.returncode == 0:
             row = json.loads(out.stdout.splitlines()[-1])
         else:  # -9: the kernel's out-of-memory killer
@@ -167,20 +170,20 @@ def memory_row(tiny, batch, res, lora, cache, ckpt):
     if os.path.exists("/proc/self/oom_score_adj"):  # Linux: if the machine runs out, the kernel ends this process
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")
-    args = argparse.Namespace(**{**train.defaults("tiny" if tiny else "sd15", None), "batch_size": batch,
-                                 "lora": lora, "lora_alpha": lora and float(lora), "cache_latents": cache,
-                                 "grad_ckpt": ckpt, "rsc_t_max": 1000})
+    from config import Config, defaults
+    cfg = Config(**{**defaults("tiny" if tiny else "sd15", None), "batch_size": batch, "lora": lora,
+                    "lora_alpha": lora and float(lora), "cache_latents": cache, "grad_ckpt": ckpt, "rsc_t_max": 1000})
     d = train.init_distributed()
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2**30
     start = 0.0 if d.cuda else rss()
     torch.manual_seed(0)
     with torch.device(d.device):
         model = random_model(tiny)
-    parts = train.trained_parts(args)
+    parts = train.trained_parts(cfg.train)
     if lora:
-        train.add_adapters(model, parts, args, None)
-    train.prepare_model(model, parts, args, d)
-    opt, named = train.make_optimizer(model, args)
+        train.add_adapters(model, parts, cfg.lora, cfg.lora_alpha, cfg.seed, None)
+    train.prepare_model(model, parts, cfg.lora, cfg.grad_ckpt, d)
+    opt, named = train.make_optimizer(model, cfg.lr_unet, cfg.lr_clip)
     params = [p for _, p in named]
     trained = sum(p.numel() for p in params)
     # fp32 weights (all), gradients and AdamW's two moments (the trained ones): the memory any step holds
@@ -189,14 +192,15 @@ def memory_row(tiny, batch, res, lora, cache, ckpt):
     pixels = torch.rand(batch, 3, res, res, generator=g) * 2 - 1
     if cache:  # what the latent cache holds (its contents do not change the memory)
         h, r = res // model.down, model.clip.cfg.vision.image_size
-        dtype = torch.bfloat16 if d.cuda else torch.float32  # as train.cache_latents stores it
+        dtype = torch.bfloat16 if d.cuda else torch.float32  # as latent_cache stores it
         pixels = Encoded(*(torch.randn(s, generator=g).to(dtype) for s in ((batch, 4, h, h), (batch, 4, h, h),
                                                                           (batch, 3, r, r))))
     batches = repeat((pixels, [f"a photo of garment number {i}" for i in range(batch)]))
     for step in range(2):
         t0 = time.perf_counter()
-        train.forward_backward(model, model, batches, step, args, d)
-        train.optimizer_step(opt, params, None, step, args)
+        gens = [torch.Generator().manual_seed(train.step_seed(cfg.seed, step, 0))]
+        train.forward_backward(model, model, batches, gens, cfg.losses_kw(), d)
+        train.optimizer_step(opt, params, None, step, cfg.max_grad_norm, cfg.ema)
         sync(d.device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if d.cuda else rss()
     return dict(tiny=tiny, batch=batch, res=res, lora=lora, cache=cache, ckpt=ckpt, trained=trained,
@@ -308,8 +312,9 @@ def our_sampler(model, ctx, uncond, latents, steps, guidance):
 
 # ---- main ------------------------------------------------------------------------------------
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (smoke test)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--res", type=int, help="square images (default 512; the CPU's memory table: 256)")
@@ -324,143 +329,184 @@ def main():
     p.add_argument("--memory", action="store_true",
                    help="only the memory table (any machine; on the CPU batch 1 at 256 px, tiny: 2 at 32 px)")
     p.add_argument("--memory-row", help=argparse.SUPPRESS)  # one row of it, in a process of its own
-    args = p.parse_args()
+    args = p.parse_args(argv)
     unknown = set(args.cases.split(",")) - set(p.get_default("cases").split(","))
-    if unknown:  # an unknown case printed an empty table
+    if unknown:
         p.error(f"--cases {args.cases}: unknown {', '.join(sorted(unknown))}; choose from {p.get_default('cases')}")
     for flag, what in (("batch", "images per training step"), ("iters", "timed steps per row"),
                        ("sample_batch", "images per sampler call"), ("steps", "DDIM steps when sampling")):
-        if getattr(args, flag) < 1:  # e.g. --batch 0 crashed in the model, --iters 0 has no median
+        if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {what}, at least 1")
-    if args.res is not None and args.res < 1:  # 0 measured the default 512 px unsaid
+    if args.res is not None and args.res < 1:
         p.error(f"--res {args.res}: the images' side in pixels, at least 1")
     if args.flops or not args.memory:
         args.res = args.res or 512
+    return args
+
+
+def main():
+    args = parse_args()
     if args.flops:
         return print_flops(args.tiny, args.batch if not args.tiny else 2, args.res if not args.tiny else 32)
     if args.memory_row:
         return print(json.dumps(memory_row(**json.loads(args.memory_row))))
     if args.memory:
-        cuda = torch.cuda.is_available()
-        batch, res = (2, 32) if args.tiny else (MEMORY_BATCH if cuda else 1, args.res or (512 if cuda else 256))
-        rows = memory_table(args.tiny, batch, res)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(device=device_name(torch.device("cuda" if cuda else "cpu")), memory=rows), f, indent=1)
-        return
+        return memory_only(args.tiny, args.res, args.json)
+    speed(args)
 
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
+def memory_only(tiny, res, json_path):
+    """--memory: the memory table alone (any machine)."""
+    cuda = torch.cuda.is_available()
+    batch, res = (2, 32) if tiny else (MEMORY_BATCH if cuda else 1, res or (512 if cuda else 256))
+    rows = memory_table(tiny, batch, res)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(device=device_name(torch.device("cuda" if cuda else "cpu")), memory=rows), f, indent=1)
+
+
+def speed(args):
+    """The memory table (unless left out of --cases), then the speed table."""
     dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if args.tiny:
         args.batch, args.res, args.iters, args.steps, args.sample_batch = 2, 32, 2, 3, 1
         args.compile = "none"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")  # CPU bf16 is slow
     cases = args.cases.split(",")
-    rows, peak = [], matmul_peak(dev)
+    peak = matmul_peak(dev)
+    # the memory rows first, each in a process of its own, while this one holds nothing on the device
+    memory = memory_table(args.tiny, args.batch if args.tiny else MEMORY_BATCH, args.res) if "memory" in cases else []
+    table = SpeedTable(args, dev, peak, memory)
+    for compiled in [False, True] if args.compile == "all" else [False]:
+        table.run(cases, compiled)
+    print_table(table.rows, device_name(dev), peak, args.batch, args.res)
+    if memory:
+        print_memory_header(args.tiny, memory[0]["batch"], memory[0]["res"], dev.type == "cuda")
+        print("\n".join(memory_line(r) for r in memory))
 
-    flops = {}
 
-    def add(case, impl, fn, n=None):
-        """Time one row; the first row of a case also counts its FLOPs. `fn` dies with this call, so its
-        optimizer state is not resident while the next row is measured."""
+def references(ours, dev):
+    """The diffusers UNet and VAE and the transformers CLIP and text tower, built from our configs' public JSON
+    and holding our random weights -> (unet, vae, clip, text)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+    with torch.device(dev):
+        unet = UNet2DConditionModel(**ours.unet.cfg.to_json())
+        vae = AutoencoderKL(**ours.vae.cfg.to_json())
+        clip = CLIPModel(CLIPConfig.from_dict(ours.clip.cfg.to_json()))
+        text = CLIPTextModel(CLIPTextConfig.from_dict(ours.clip.cfg.to_json(text_only=True)))
+    unet.load_state_dict(ours.unet.state_dict())
+    vae.load_state_dict(ours.vae.state_dict())
+    clip.load_state_dict(ours.clip.state_dict(), strict=False)  # transformers keeps position_ids buffers
+    text.load_state_dict(ours.clip.text_model.state_dict(), strict=False)
+    vae.requires_grad_(False)
+    text.requires_grad_(False)
+    return unet, vae, clip, text
+
+
+def tuned(m):
+    """A reference as tuned: torch.compile + channels-last."""
+    return torch.compile(m.to(memory_format=torch.channels_last))
+
+
+class SpeedTable:
+    """Each case's references (as shipped, tuned) and ours, eager then compiled, on the same random weights,
+    inputs and precision. `fn` of each row dies with its `add`, so its optimizer state is not resident while
+    the next row is measured."""
+
+    def __init__(self, args, dev, peak, memory):
+        self.args, self.dev, self.peak, self.memory = args, dev, peak, memory
+        self.amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")  # CPU bf16 is slow
+        self.rows, self.flops = [], {}
+        torch.manual_seed(0)
+        with torch.device(dev):  # random init straight on the device
+            self.ours = ours = random_model(args.tiny)
+        ours.to(dev)
+        if dev.type == "cuda":  # as train.py runs it
+            ours.unet.to(memory_format=torch.channels_last)
+            ours.vae.to(memory_format=torch.channels_last)
+        self.g = torch.Generator().manual_seed(0)
+        self.x = (torch.rand(args.batch, 3, args.res, args.res, generator=self.g) * 2 - 1).to(dev)
+        self.ids = ours.tokenizer([f"a photo of garment number {i}" for i in range(args.batch)]).to(dev)
+        self.pixels = F.interpolate(self.x, size=ours.clip.cfg.vision.image_size, mode="bicubic", antialias=True)
+        self.ref_unet, self.ref_vae, self.ref_clip, self.ref_text = references(ours, dev)
+        self.variants = [("as shipped", lambda m: m)] + ([] if args.compile == "none" else
+                                                         [("compiled+channels-last", tuned)])
+
+    def add(self, case, impl, fn, n=None):
+        """Time one row; the first row of a case also counts its FLOPs; --json is rewritten after each row."""
+        args, dev = self.args, self.dev
         iters = max(2, args.iters // 3) if case == "sample" else args.iters  # 50 UNet calls each
         # 5 warm-up steps: compiling, and recompiling once RSC's row count has changed (then a dynamic batch);
         # one sampler call holds 50 UNet calls of fixed shapes
         sec, mem, step_mem = timed(fn, dev, 1 if args.tiny or case == "sample" else 5, iters)
-        if case in ("sd", "clip", "unidiff") and case not in flops:
-            flops[case] = count_flops(fn)
+        if case in ("sd", "clip", "unidiff") and case not in self.flops:
+            self.flops[case] = count_flops(fn)
         n = n or args.batch
-        rows.append(dict(case=case, impl=impl, img_s=n / sec, ms=sec * 1e3, mem_gb=mem, step_gb=step_mem,
-                         mfu=flops[case] / sec / peak if case in flops else float("nan")))
+        self.rows.append(dict(case=case, impl=impl, img_s=n / sec, ms=sec * 1e3, mem_gb=mem, step_gb=step_mem,
+                              mfu=self.flops[case] / sec / self.peak if case in self.flops else float("nan")))
         print(f"{case:8s} {impl:36s} {n / sec:8.2f} img/s {sec * 1e3:9.1f} ms" + (f" {mem:6.1f} GB" if dev.type == "cuda"
                                                                                   else ""), flush=True)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(device=device_name(dev), peak=peak, batch=args.batch, res=args.res, rows=rows,
-                               memory=memory), f, indent=1)
+                json.dump(dict(device=device_name(dev), peak=self.peak, batch=args.batch, res=args.res, rows=self.rows,
+                               memory=self.memory), f, indent=1)
 
-    # the memory rows first, each in a process of its own, while this one holds nothing on the device
-    memory = memory_table(args.tiny, args.batch if args.tiny else MEMORY_BATCH, args.res) if "memory" in cases else []
-    torch.manual_seed(0)
-    with torch.device(dev):  # random init straight on the device
-        ours = random_model(args.tiny)
-    ours.to(dev)
-    if dev.type == "cuda":  # as train.py runs it
-        ours.unet.to(memory_format=torch.channels_last)
-        ours.vae.to(memory_format=torch.channels_last)
-    g = torch.Generator().manual_seed(0)
-    x = (torch.rand(args.batch, 3, args.res, args.res, generator=g) * 2 - 1).to(dev)
-    ids = ours.tokenizer([f"a photo of garment number {i}" for i in range(args.batch)]).to(dev)
-    clip_res = ours.clip.cfg.vision.image_size
-    pixels = F.interpolate(x, size=clip_res, mode="bicubic", antialias=True)
-
-    def train_only(*parts):
-        ours.requires_grad_(False)
+    def train_only(self, *parts):
+        self.ours.requires_grad_(False)
         for part in parts:
             part.requires_grad_(True)
 
-    # The references: built from our configs' public JSON, holding our random weights.
-    with torch.device(dev):
-        ref_unet = UNet2DConditionModel(**ours.unet.cfg.to_json())
-        ref_vae = AutoencoderKL(**ours.vae.cfg.to_json())
-        ref_clip = CLIPModel(CLIPConfig.from_dict(ours.clip.cfg.to_json()))
-        ref_text = CLIPTextModel(CLIPTextConfig.from_dict(ours.clip.cfg.to_json(text_only=True)))
-    ref_unet.load_state_dict(ours.unet.state_dict())
-    ref_vae.load_state_dict(ours.vae.state_dict())
-    ref_clip.load_state_dict(ours.clip.state_dict(), strict=False)  # transformers keeps position_ids buffers
-    ref_text.load_state_dict(ours.clip.text_model.state_dict(), strict=False)
-    ref_vae.requires_grad_(False)
-    ref_text.requires_grad_(False)
-    tuned = lambda m: torch.compile(m.to(memory_format=torch.channels_last))
-    variants = [("as shipped", lambda m: m)] + ([] if args.compile == "none" else [("compiled+channels-last", tuned)])
-
-    # Each case: the references (shipped, tuned) and ours eager; then ours compiled.
-    for compiled in [False, True] if args.compile == "all" else [False]:
+    def run(self, cases, compiled):
+        """One pass over the cases: the references and ours eager, or (compiled) ours compiled."""
         tag = "ours compiled" if compiled else "ours"
         if compiled:
-            ours.compile()  # in place, as train.py --compile
+            self.ours.compile()  # in place, as train.py --compile
         if "sd" in cases:
-            if not compiled:
-                for name, tune in variants:
-                    add("sd", f"diffusers {name}",
-                        reference_sd_step(tune(ref_unet), ref_vae, ref_text, x, ids, ours.alphas_cumprod, dev, amp))
-                ref_unet.to(memory_format=torch.contiguous_format)
-            train_only(ours.unet)
-            add("sd", tag, our_step(ours, x, ids, dev, amp, lambda_itc=0, lambda_rsc=0))
+            self.sd(tag, compiled)
         if "clip" in cases:
-            if not compiled:
-                for name, tune in variants:
-                    add("clip", f"transformers {name}",
-                        reference_clip_step(ref_clip, pixels, ids, dev, amp, tune is tuned))
-            train_only(ours.clip)
-            add("clip", tag, our_step(ours, x, ids, dev, amp, lambda_is=0, lambda_rsc=0))
+            self.clip(tag, compiled)
         if "unidiff" in cases:
-            train_only(ours.unet, ours.clip)
-            add("unidiff", tag, our_step(ours, x, ids, dev, amp))
+            self.train_only(self.ours.unet, self.ours.clip)
+            self.add("unidiff", tag, our_step(self.ours, self.x, self.ids, self.dev, self.amp))
         free()
         if "sample" in cases:
-            train_only()
-            s = args.sample_batch
-            lat = torch.randn(s, 4, args.res // ours.down, args.res // ours.down, generator=g).to(dev)
-            with torch.no_grad(), amp:
-                ctx = ours.clip.text_hidden(ids[:s])
-                unc = ours.clip.text_hidden(ours.empty_ids).expand(s, -1, -1)
-            if not compiled:
-                for name, tune in variants:
-                    with amp:
-                        add("sample", f"diffusers {name}",
-                            reference_sampler(tune(ref_unet), ref_vae, ctx, unc, lat, args.steps, 7.5), n=s)
-                ref_unet.to(memory_format=torch.contiguous_format)
-            with amp:
-                add("sample", tag, our_sampler(ours, ctx, unc, lat, args.steps, 7.5), n=s)
+            self.sample(tag, compiled)
         free()
-    print_table(rows, device_name(dev), peak, args.batch, args.res)
-    if memory:
-        print_memory_header(args.tiny, memory[0]["batch"], memory[0]["res"], dev.type == "cuda")
-        print("\n".join(memory_line(r) for r in memory))
+
+    def sd(self, tag, compiled):
+        ours, dev, amp = self.ours, self.dev, self.amp
+        if not compiled:
+            for name, tune in self.variants:
+                self.add("sd", f"diffusers {name}", reference_sd_step(tune(self.ref_unet), self.ref_vae, self.ref_text,
+                                                                     self.x, self.ids, ours.alphas_cumprod, dev, amp))
+            self.ref_unet.to(memory_format=torch.contiguous_format)
+        self.train_only(ours.unet)
+        self.add("sd", tag, our_step(ours, self.x, self.ids, dev, amp, lambda_itc=0, lambda_rsc=0))
+
+    def clip(self, tag, compiled):
+        if not compiled:
+            for name, tune in self.variants:
+                self.add("clip", f"transformers {name}",
+                         reference_clip_step(self.ref_clip, self.pixels, self.ids, self.dev, self.amp, tune is tuned))
+        self.train_only(self.ours.clip)
+        self.add("clip", tag, our_step(self.ours, self.x, self.ids, self.dev, self.amp, lambda_is=0, lambda_rsc=0))
+
+    def sample(self, tag, compiled):
+        ours, amp, s, steps = self.ours, self.amp, self.args.sample_batch, self.args.steps
+        self.train_only()
+        lat = torch.randn(s, 4, self.args.res // ours.down, self.args.res // ours.down, generator=self.g).to(self.dev)
+        with torch.no_grad(), amp:
+            ctx = ours.clip.text_hidden(self.ids[:s])
+            unc = ours.clip.text_hidden(ours.empty_ids).expand(s, -1, -1)
+        if not compiled:
+            for name, tune in self.variants:
+                with amp:
+                    self.add("sample", f"diffusers {name}",
+                             reference_sampler(tune(self.ref_unet), self.ref_vae, ctx, unc, lat, steps, 7.5), n=s)
+            self.ref_unet.to(memory_format=torch.contiguous_format)
+        with amp:
+            self.add("sample", tag, our_sampler(ours, ctx, unc, lat, steps, 7.5), n=s)
 
 
 def device_name(dev):
