@@ -68,15 +68,15 @@ class Config:
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this ({default}; 0: no clipping)")
     # a random decoder turns any latent into noise: the tiny VAE is fitted before the run
     vae_steps: int = opt(200, "tiny only: steps fitting its random VAE as an autoencoder first ({default})")
+    ood_data: str = opt(None, "validation also reports retrieval on this data's test split: what fine-tuning "
+                        "forgets\nout of its domain (default none; demo world)")
     lora: int = opt(None, "train low-rank adapters of this rank (e.g. 8) on the attention projections of the --train "
                     "parts,\ntheir weights frozen (lora.py; default none: the weights themselves train)")
     lora_alpha: float = opt(None, "the adapters' update is scaled by alpha / rank (default: the rank, a scale of 1)")
     cache_latents: bool = opt(False, "encode the training images once with the frozen VAE (and CLIP's view of them) "
                               "into\nlatent-cache/ beside the run folder, which later runs and --resume reuse: the "
-                              "steps skip the VAE encoder\n(README: Cached latents)")
+                              "steps skip the VAE encoder\n(docs/training.md)")
     train_size: int = opt(None, "train on the first N items of the training split (default: all of them)")
-    ood_data: str = opt(None, "validation also reports retrieval on this data's test split: what fine-tuning "
-                        "forgets\nout of its domain (default none; demo world)")
     resume: str = opt(None, "continue the run in this folder from its latest checkpoint (flags given again override)")
 
     def losses_kw(self):
@@ -89,7 +89,7 @@ class Config:
 DEFAULTS = {f.name: f.default for f in fields(Config) if f.name != "resume"}
 # The tiny model on any data: random init (high learning rates) and CPU-sized (32 px, a few minutes).
 TINY = dict(steps=300, batch_size=32, res=32, lr_unet=2e-3, lr_clip=1e-3, save_every=100, eval_every=50, warmup=20)
-PRETRAINED_TINY = Path(__file__).resolve().parent / "assets" / "unidiff-tiny"  # made as the README says
+PRETRAINED_TINY = Path(__file__).resolve().parent / "assets" / "unidiff-tiny"  # made as docs/results.md says
 # The demo fine-tunes the shipped pretrained tiny model on its narrow domain and measures what it forgets of the
 # broad world it was pretrained on. It keeps the tiny learning rates: of three pairs, the best in-domain
 # validation R@1 (docs/results.md).

@@ -5,7 +5,8 @@ encoder.mid_block.attentions.0.to_q.weight, ...), so `vae/diffusion_pytorch_mode
 loads with a strict load_state_dict and no renaming. The modules need only torch and einops; the
 config and loaders at the end read files through weights.py.
 """
-from dataclasses import asdict, dataclass, fields
+import time
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -254,3 +255,42 @@ def load_vae(path):
                                "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"])
     cfg = read_config(path)
     return VAE.from_state_dict(read_safetensors(path), VAEConfig.from_json(cfg) if cfg else None, source=str(path))
+
+
+PROGRESS_EVERY = 5  # seconds between progress lines of the fit
+
+
+def fit_vae(vae, dataset, steps, seed, say, batch=16, lr=3e-3):
+    """Fit a random (tiny) VAE as an autoencoder: SD's VAE comes pretrained, and a random decoder
+    would turn every latent, however well the UNet learns, into noise. Then, as SD did, set its
+    scaling factor so the latents the UNet sees have unit variance. Deterministic in `seed`."""
+    if not steps:
+        return
+    H, W = dataset[0][0].shape[-2:]
+    t0, crop = time.time(), max(8, min(H, W) // 2)
+    say(f"fitting the tiny VAE as an autoencoder: {steps} steps on {crop} px crops")
+    t_said = t0
+    vae.requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr, weight_decay=0)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        x = torch.stack([dataset[i][0] for i in torch.randint(0, len(dataset), (batch,), generator=g).tolist()])
+        top, left = (int(torch.randint(0, n - crop + 1, (), generator=g)) for n in (H, W))
+        x = x[..., top:top + crop, left:left + crop]  # convolutions are local: half-size crops, 4x cheaper
+        mean, logvar = vae.encode(x)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()  # keeps the posterior a distribution
+        mse = (vae.decode(z) - x).pow(2).mean()
+        (mse + 1e-4 * kl).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if time.time() - t_said >= PROGRESS_EVERY:
+            t_said = time.time()
+            say(f"tiny VAE: step {step + 1}/{steps}, reconstruction MSE {mse.item():.4f} ({t_said - t0:.0f}s)")
+    vae.requires_grad_(False)
+    with torch.no_grad():
+        x = torch.stack([dataset[i][0] for i in range(min(256, len(dataset)))])
+        std = vae.encode(x)[0].std().item()
+    vae.cfg = replace(vae.cfg, scaling_factor=1 / std)  # saved in config.json, as SD's 0.18215
+    say(f"tiny VAE fitted as an autoencoder: {steps} steps, reconstruction MSE {mse.item():.4f}, "
+        f"scaling factor {1 / std:.4f} ({time.time() - t0:.0f}s)")

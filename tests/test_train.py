@@ -357,9 +357,10 @@ def test_snr_gamma_and_caption_dropout_reach_the_losses(tmp_path, monkeypatch):
 
 def test_fit_vae_shows_progress(monkeypatch):
     clock = iter(range(0, 10**6, 2))  # every reading of the clock is 2 s later
-    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: next(clock)))
+    import vae
+    monkeypatch.setattr(vae, "time", SimpleNamespace(time=lambda: next(clock)))
     lines = []
-    train.fit_vae(train.UniDiff.tiny().vae, train.open_dataset("demo", "train", 16), 12, 0, lines.append, batch=2)
+    vae.fit_vae(train.UniDiff.tiny().vae, train.open_dataset("demo", "train", 16), 12, 0, lines.append, batch=2)
     progress = [re.fullmatch(r"tiny VAE: step (\d+)/12, reconstruction MSE (\S+) \((\d+)s\)", s) for s in lines]
     progress = [m for m in progress if m]
     assert lines[0].startswith("fitting the tiny VAE as an autoencoder: 12 steps")

@@ -2,7 +2,7 @@
 each combination of the losses, and measure what each does in the domain, out of it (forgetting), to the
 embedding space (collapse) and to generation (read by a frozen judge).
 
-    python -m tools.ablation --plot assets/ablation.png          # the protocol in the README (test splits)
+    python -m tools.ablation --plot assets/ablation.png          # the protocol in docs/results.md (test splits)
     python -m tools.ablation --split val --arms ITC+IS --seeds 0 --lr-clip 1e-4   # choosing it: validation only
 
 Each arm is `train.py --data demo` with its loss weights, the same data, steps, learning rates and seeds;
