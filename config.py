@@ -187,8 +187,8 @@ def check(cfg, given, error):
         if value is not None and not valid(value):
             error(f"--{name.replace('_', '-')} {value}: {what}")
     if cfg.lora and cfg.lora_alpha is None:
-        # α = r: the update is B A as trained, the convention of diffusers' and kohya's SD LoRA recipes, whose
-        # learning rates (~1e-4) then carry over; the paper instead fixes α while it varies r
+        # α = r: the update is B A as trained, as in diffusers' SD LoRA script (kohya's sd-scripts default to
+        # --network_alpha 1, a scale of 1/r); the paper instead fixes α while it varies r
         cfg.lora_alpha = float(cfg.lora)
     if "lora_alpha" in given and not cfg.lora:  # else ignored: the weights themselves would train
         error(f"--lora-alpha {given['lora_alpha']:g}: scales LoRA's adapters; give --lora RANK too")

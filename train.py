@@ -77,6 +77,7 @@ def train(cfg):
     params = [p for _, p in named]
     ema = [p.detach().float().clone() for p in params] if cfg.ema else None  # resuming: the checkpoint's EMA,
     step = load_checkpoint(ckpt, model, named, opt) if ckpt is not None else 0  # then its trained weights
+    seen = read_state(ckpt)["samples_seen"] if ckpt is not None else 0  # the data position: --batch-size may change
     say(f"model: {cfg.model}, training {', '.join(parts)} ({sum(p.numel() for p in params) / 1e6:.1f}M parameters); "
         f"global batch {cfg.batch_size} = {d.world} rank(s) × {cfg.grad_accum} micro-step(s) × {micro}; {cfg.res} px; "
         f"{'bf16 autocast on ' + torch.cuda.get_device_name(d.device) if d.cuda else 'fp32 on CPU'}")
@@ -84,7 +85,7 @@ def train(cfg):
         train_set = cached_training_set(model, train_set, cfg.data, cfg.res, run, micro, d, say,
                                         loader_workers(cfg.workers, d))
     net = wrap(model, cfg.compile, cfg.lambda_itc and cfg.lambda_is and cfg.lambda_rsc, d)
-    batches = iter(make_loader(train_set, micro, step * cfg.batch_size, cfg.seed, cfg.workers, d))
+    batches = iter(make_loader(train_set, micro, seen, cfg.seed, cfg.workers, d))
     losses_kw = cfg.losses_kw()
 
     with StopSignal(d.ddp, say) as stop:
@@ -100,7 +101,7 @@ def train(cfg):
             losses = forward_backward(net, model, batches, gens, losses_kw, d)
             skipped = optimizer_step(opt, params, ema, step, cfg.max_grad_norm, cfg.ema)
             progress.add(losses, skipped)
-            step += 1
+            step, seen = step + 1, seen + cfg.batch_size
             stopping = stop.agreed()
             at_eval = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or step == cfg.steps)
             at_save = step == cfg.steps or bool(cfg.save_every) and step % cfg.save_every == 0
@@ -108,13 +109,13 @@ def train(cfg):
                 continue
             say(progress.sync(step, factor, run, d))  # raises if the loss or the gradients went bad
             if stopping:
-                save(model, named, opt, ema, step, run, cfg, d)
+                save(model, named, opt, ema, step, seen, run, cfg, d)
                 say(f"stopped at step {step}: continue with  {resume_command(d)} --resume {run}")
                 return 128 + stopping  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
             if at_eval:
                 validate(model, params, ema, test_set, ood_set, step, run, cfg.res, d)
             if at_save:
-                save(model, named, opt, ema, step, run, cfg, d)
+                save(model, named, opt, ema, step, seen, run, cfg, d)
             progress.t_line = time.time()  # validating and saving are not training time
     samples = f", samples in {run / 'samples'}/" if (run / "samples").is_dir() else ""  # none without validation
     say(f"done: {step} steps; checkpoints in {run}/{samples}")
@@ -505,14 +506,14 @@ def distinct(captions, n):
     return out
 
 
-def save(model, named, opt, ema, step, run, cfg, d):
+def save(model, named, opt, ema, step, seen, run, cfg, d):
     """A checkpoint (rank 0 writes it) with the run's settings, unless the weights are not finite: then the run
     stops."""
     tensors = [p for _, p in named] + (ema or [])  # every rank checks (the same weights), so all stop together
     if not torch.stack([t.isfinite().all() for t in tensors]).all():
         raise stopped(run, f"the weights are not finite after step {step}")
     if d.master:
-        state = {"step": step, "samples_seen": step * cfg.batch_size, "world": d.world, "args": vars(cfg),
+        state = {"step": step, "samples_seen": seen, "world": d.world, "args": vars(cfg),
                  "rng": "derived: a generator seeded by (seed, step, micro-step) each micro-step"}
         say(f"step {step} | saved {save_checkpoint(run, step, model, named, opt, ema, state)}")
     d.barrier()

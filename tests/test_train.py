@@ -664,3 +664,15 @@ def test_interrupted_caching_leaves_no_partial_cache_file(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train.main(flags + ["--out", str(tmp_path / "a")])
     assert len(calls) == 2 and list((tmp_path / "latent-cache").iterdir()) == []
+
+
+def test_resume_with_another_batch_size_reads_on_from_the_samples_seen(tmp_path, monkeypatch):
+    """Resuming at batch 8 after 2 steps at batch 4 reads on from sample 8 (not step × 8 = 16, which skipped 8–15)
+    and counts the samples really seen."""
+    starts, real = [], train.Batches
+    monkeypatch.setattr(train, "Batches", lambda *a: starts.append(a[-1]) or real(*a))
+    run = tmp_path / "r"
+    assert train.main(TINY + ["--steps", "2", "--save-every", "2", "--out", str(run)]) == 0
+    assert train.main(["--resume", str(run), "--steps", "3", "--batch-size", "8"]) == 0
+    assert starts == [0, 8]
+    assert runs.read_state(run / "step_000003")["samples_seen"] == 8 + 8
