@@ -160,6 +160,9 @@ def parse_args(argv=None):
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if "resume" in given:  # the run's own arguments, then whatever was given again
         ckpt = latest_checkpoint(given["resume"])
+        if "out" in given and Path(given["out"]).resolve() != ckpt.parent.resolve():  # else ignored unsaid
+            p.error(f"--out {given['out']}: a resumed run goes on in its own folder, {ckpt.parent}; to branch it, "
+                    "copy that folder and --resume the copy")
         state = read_state(ckpt)
         # defaults first: a run saved before a flag existed gets that flag's default; new checkpoints go beside it
         args = {**defaults(state["args"]["model"], state["args"]["data"]), **state["args"], **given,

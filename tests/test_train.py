@@ -676,3 +676,13 @@ def test_resume_with_another_batch_size_reads_on_from_the_samples_seen(tmp_path,
     assert train.main(["--resume", str(run), "--steps", "3", "--batch-size", "8"]) == 0
     assert starts == [0, 8]
     assert runs.read_state(run / "step_000003")["samples_seen"] == 8 + 8
+
+
+def test_out_given_with_resume_is_refused_not_ignored(tmp_path, capsys):
+    """--out with --resume wrote into the old run folder unsaid; now one line, and the old run's own folder is fine."""
+    run = tmp_path / "r"
+    assert train.main(TINY + ["--steps", "1", "--out", str(run)]) == 0
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--resume", str(run), "--out", str(tmp_path / "other")])
+    assert e.value.code == 2 and "a resumed run goes on in its own folder" in capsys.readouterr().err
+    assert train.parse_args(["--resume", str(run), "--out", str(run)]).out == str(run)
