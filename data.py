@@ -225,7 +225,9 @@ class FolderDataset(Dataset):
         return len(self.items)
 
     def keep_first(self, n):
-        """Only the first n items from now on (a smaller training set)."""
+        """Only the first n items from now on (a smaller training set), said in the report."""
+        if n < len(self.items):
+            self.summary += f"; training on the first {n} of them (--train-size)"
         self.items = self.items[:n]
 
     @property

@@ -686,3 +686,11 @@ def test_out_given_with_resume_is_refused_not_ignored(tmp_path, capsys):
         train.parse_args(["--resume", str(run), "--out", str(tmp_path / "other")])
     assert e.value.code == 2 and "a resumed run goes on in its own folder" in capsys.readouterr().err
     assert train.parse_args(["--resume", str(run), "--out", str(run)]).out == str(run)
+
+
+def test_train_size_on_a_folder_is_said_in_the_data_line(tmp_path, capsys):
+    """--train-size on a folder logged the full image count: the data line now says how many train."""
+    flags = cache_flags(world_folder(tmp_path / "set"))
+    assert train.main(flags + ["--steps", "1", "--train-size", "4", "--out", str(tmp_path / "r")]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("data (train):"))
+    assert "training on the first 4 of them (--train-size)" in line
