@@ -1,6 +1,7 @@
 """The claim in miniature: the shipped pretrained tiny UniDiff, the demo that fine-tunes it, the ablation."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -74,3 +75,15 @@ def test_ablation_refuses_bad_numbers_with_one_line(flags, says, tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         ablation.main(flags + ["--out", str(tmp_path)])
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_ablation_reuses_a_run_that_was_resumed(tmp_path):
+    """A run cut off and continued with --resume records resume in its state: the ablation refused to reuse it."""
+    args = SimpleNamespace(out=str(tmp_path), steps=2, every=1, lr_unet=2e-3, lr_clip=1e-3, train_size=16)
+    out = tmp_path / "runs" / "ITC" / "seed0"
+    flags = ["--data", "demo", "--out", str(out), "--seed", "0", "--steps", "1", "--save-every", "1",
+             "--eval-every", "0", "--lr-unet", str(args.lr_unet), "--lr-clip", str(args.lr_clip), "--train-size", "16",
+             "--lambda-itc", "1", "--lambda-is", "0", "--lambda-rsc", "0"]
+    assert train.main(flags) == 0
+    assert train.main(["--resume", str(out), "--steps", "2"]) == 0  # state.json now holds "resume"
+    assert ablation.fine_tune("ITC", 0, args) == out

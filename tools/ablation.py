@@ -51,7 +51,7 @@ def fine_tune(arm, seed, args):
     done = checkpoints(out)
     if done:
         saved, wanted = read_state(done[-1])["args"], vars(train.parse_args(flags))
-        if any(saved.get(k) != wanted[k] for k in wanted if k != "out"):
+        if any(saved.get(k) != wanted[k] for k in wanted if k not in ("out", "resume")):  # where, not what
             raise SystemExit(f"{out} holds a run with other flags: pick another --out, or remove it")
         if int(done[-1].name[5:]) == args.steps:
             return out
