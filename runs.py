@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from safetensors import SafetensorError
 
 from lora import attention_lora, merge, merged, unmerge
 from unidiff import UniDiff
@@ -186,9 +187,9 @@ def save_checkpoint(run, step, model, named, opt, ema, state):
         os.rename(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
-        if isinstance(e, OSError):
+        if isinstance(e, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
             prev = checkpoints(run)
-            raise RunError(f"could not write checkpoint {final} ({e.strerror or e}); nothing was lost: "
+            raise RunError(f"could not write checkpoint {final} ({getattr(e, 'strerror', None) or e}); nothing was lost: "
                            + (f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint")
                            + ". Free some disk space and --resume.") from None
         raise

@@ -694,3 +694,18 @@ def test_train_size_on_a_folder_is_said_in_the_data_line(tmp_path, capsys):
     assert train.main(flags + ["--steps", "1", "--train-size", "4", "--out", str(tmp_path / "r")]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("data (train):"))
     assert "training on the first 4 of them (--train-size)" in line
+
+
+def test_full_disk_reported_by_safetensors_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """safetensors reports a full disk as SafetensorError, not OSError: it ended in a traceback, not the one line."""
+    from safetensors import SafetensorError
+    real_save = runs.save_safetensors
+    def save(sd, path, metadata=None):
+        if "step_000004" in str(path):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(sd, path, metadata)
+    monkeypatch.setattr(runs, "save_safetensors", save)
+    assert train.main(TINY + ["--steps", "4", "--save-every", "2", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "step_000002 is intact" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["init", "run.json", "step_000002"]
