@@ -119,7 +119,8 @@ def parser():
                                 formatter_class=argparse.RawTextHelpFormatter)
     for f in fields(Config):
         kw = dict(f.metadata)
-        kw["help"] = kw["help"].replace("{default}", default_text(f.name)) if "{default}" in kw["help"] else kw["help"]
+        if "{default}" in kw["help"]:  # only fields with a default to show: default_text needs one
+            kw["help"] = kw["help"].replace("{default}", default_text(f.name))
         if f.type is bool:
             kw.update(action="store_const", const=True)
         elif f.type is not str:
