@@ -46,7 +46,12 @@ class Config:
     snr_gamma: float = opt(None, "min-SNR-γ weighting of the diffusion loss, e.g. 5 (default: none, the plain MSE)")
     # classifier-free guidance needs the empty caption trained
     caption_dropout: float = opt(0.1, "probability of training a sample on the empty caption ({default})")
-    rsc_one_way: bool = opt(False, "RSC's first KL term alone: only the generated image learns from it (an ablation)")
+    rsc_form: str = opt("kl", "RSC's form ({default}; the README's losses): kl, kl-one-way (only the generated image "
+                        "learns), feature,\nrelational, anchored (kept near the start CLIP)",
+                        choices=["kl", "kl-one-way", "feature", "relational", "anchored"])
+    is_detach_text: bool = opt(False, "the diffusion loss trains the UNet alone: no gradient into the shared text "
+                               "tower")
+    l2sp: float = opt(0.0, "L2-SP: λ‖θ − θ₀‖² pulls the trained weights towards the start's ({default}: off)")
     # CLIP forgets what it knew faster than the UNet: a tenth of its learning rate
     lr_unet: float = opt(1e-5, "peak learning rate of the UNet ({default})")
     lr_clip: float = opt(1e-6, "peak learning rate of CLIP, both towers ({default})")
@@ -83,7 +88,7 @@ class Config:
         """What UniDiff.losses takes from the settings."""
         return dict(lambda_itc=self.lambda_itc, lambda_is=self.lambda_is, lambda_rsc=self.lambda_rsc,
                     t_max=self.rsc_t_max, snr_gamma=self.snr_gamma, p_uncond=self.caption_dropout,
-                    rsc_one_way=self.rsc_one_way)
+                    rsc_form=self.rsc_form, is_detach_text=self.is_detach_text)
 
 
 DEFAULTS = {f.name: f.default for f in fields(Config) if f.name != "resume"}
@@ -148,6 +153,7 @@ RANGES = [
       for loss in ("itc", "is", "rsc")],  # below 0 maximizes the loss
     ("rsc_t_max", lambda v: 1 <= v <= 1000, "RSC uses the timesteps below it, from 1 to 1000 (the schedule's "
                                             "timesteps; 1000: all)"),
+    ("l2sp", lambda v: v >= 0, "the L2-SP weight, at least 0 (0: off)"),  # below 0 pushes away from the start
     ("max_grad_norm", lambda v: v >= 0, "the norm the gradient is clipped to, at least 0 (0: no clipping)"),
     ("workers", lambda v: v >= 0, "data loader processes per rank, at least 0 (0: load in the training process)"),
     ("vae_steps", lambda v: v >= 0, "steps fitting the tiny VAE, at least 0"),
@@ -165,6 +171,8 @@ def parse_args(argv=None):
             p.error(f"--out {given['out']}: a resumed run goes on in its own folder, {ckpt.parent}; to branch it, "
                     "copy that folder and --resume the copy")
         state = read_state(ckpt)
+        if state["args"].pop("rsc_one_way", False):  # the flag --rsc-form kl-one-way replaced
+            state["args"]["rsc_form"] = "kl-one-way"
         # defaults first: a run saved before a flag existed gets that flag's default; new checkpoints go beside it
         args = {**defaults(state["args"]["model"], state["args"]["data"]), **state["args"], **given,
                 "out": str(ckpt.parent)}
@@ -198,5 +206,7 @@ def check(cfg, given, error):
         error(f"--lora-alpha {given['lora_alpha']:g}: scales LoRA's adapters; give --lora RANK too")
     if "ood_data" in given and not cfg.eval_every:  # else never opened: a typo in it would pass unsaid
         error(f"--ood-data {given['ood_data']}: measured at each validation, and --eval-every 0 has none")
+    if cfg.l2sp and cfg.lora:  # the adapters have no start weights to be pulled towards
+        error("--l2sp with --lora: LoRA already keeps the base weights; use one or the other")
     if not (cfg.lambda_itc or cfg.lambda_is or cfg.lambda_rsc):
         error("--lambda-itc, --lambda-is and --lambda-rsc are all 0: no loss is left to train")

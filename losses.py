@@ -94,6 +94,45 @@ def rsc_loss(real_emb, gen_emb, txt_emb, logit_scale, n=None, one_way=False):
     return 0.5 * kl.sum() / (n or len(kl) or 1)
 
 
+# ---- other readings of RSC, and a remedy for forgetting (docs/results.md compares them) ----
+
+def rsc_feature_loss(real_emb, gen_emb, n=None):
+    """(b) feature consistency: RSC = 1/n Σ_rows (1 − cos(v, v̂)), real and generated embeddings (R, D); both sides
+    learn (reciprocal). n as in rsc_loss."""
+    cos = F.cosine_similarity(real_emb.float(), gen_emb.float(), dim=-1)  # (R,)
+    return (1 - cos).sum() / (n or len(cos) or 1)
+
+
+def relational_loss(a, b, tau=0.1):
+    """(c) relational consistency: the rows' similarity structure in two feature spaces, a (R, Da) and b (R, Db),
+    matched both ways: S = row softmax of n(x) n(x)ᵀ / τ without the diagonal (a row's distribution over the
+    others), RSC = mean_rows ½ KL(sg(S_a) ‖ S_b) + ½ KL(sg(S_b) ‖ S_a). Fewer than 3 rows: 0 (nothing to relate)."""
+    if len(a) < 3:
+        return a.sum() * 0 + b.sum() * 0
+    eye = torch.eye(len(a), dtype=torch.bool, device=a.device)
+    logs = [F.log_softmax((F.normalize(x.float(), dim=-1) @ F.normalize(x.float(), dim=-1).T / tau)
+                          .masked_fill(eye, -1e4), dim=-1) for x in (a, b)]  # (R, R) each; the diagonal's p is 0
+    kl = lambda logp, logq: (logp.exp() * (logp - logq)).sum(-1).mean()  # KL(p ‖ q), mean over rows
+    return 0.5 * kl(logs[0].detach(), logs[1]) + 0.5 * kl(logs[1].detach(), logs[0])
+
+
+def anchored_loss(img_emb, txt_emb, logit_scale, img0, txt0, logit_scale0):
+    """(d) anchored consistency (LwF, Li & Hoiem 2016): the live CLIP's caption distribution over the batch kept
+    close to the frozen start's (img0, txt0, logit_scale0, no gradient), both ways like ITC:
+        L = s · n(v) n(u)ᵀ, L₀ likewise from the start;  RSC = ½ [KL(P₀ ‖ P) over rows + over columns]"""
+    L, L0 = logits(img_emb, txt_emb, logit_scale), logits(img0, txt0, logit_scale0)  # (B, B) each
+    kl = lambda l0, l: F.kl_div(F.log_softmax(l, -1), F.log_softmax(l0, -1), log_target=True, reduction="batchmean")
+    return 0.5 * (kl(L0, L) + kl(L0.T, L.T))
+
+
+def l2_sp_(params, start, lam):
+    """L2-SP (Li, Grandvalet & Davel 2018): λ Σ‖θ − θ₀‖² pulls the trained weights towards the start's. Its
+    gradient 2λ(θ − θ₀) is added to each .grad in place: exact, and no graph over every weight."""
+    for p, p0 in zip(params, start):
+        if p.grad is not None:
+            p.grad.add_(p.detach() - p0, alpha=2 * lam)
+
+
 # ---- a batch larger than one micro-batch on one rank (DDP, gradient accumulation) ----
 
 def world_size():

@@ -16,6 +16,7 @@ dropout) comes from a generator seeded by (seed, step, micro-step), the same on 
 (UniDiff.losses draws for the global batch and keeps the rank's rows): resuming at step N
 restores both exactly, with nothing to store but N.
 """
+import copy
 import dataclasses
 import hashlib
 import math
@@ -37,9 +38,10 @@ from data import DataError, open_dataset, parse_res
 from download import pretrained
 from eval import SAMPLE, embed, retrieval
 from latent_cache import cached_training_set
+from losses import l2_sp_
 from lora import attention_lora
 from runs import (RunError, StopSignal, autocast, check_size, checkpoints, fmt_time, latest_checkpoint,
-                  load_checkpoint, load_lora, load_row, read_state, save_checkpoint, save_grid, save_start, swap_in,
+                  load_checkpoint, load_lora, load_row, load_start, read_state, save_checkpoint, save_grid, save_start, swap_in,
                   to_uint8)
 from unidiff import UniDiff
 from vae import fit_vae
@@ -70,6 +72,7 @@ def train(cfg):
     train_set, test_set, ood_set = open_data(cfg.data, cfg.res, cfg.train_size, cfg.eval_every, cfg.ood_data, d)
     ckpt = resume_from(cfg.resume, run)
     model = start_model(cfg, ckpt, run, train_set, d)
+    start = frozen_start(cfg, ckpt, model, run, d)
     if cfg.lora:
         add_adapters(model, parts, cfg.lora, cfg.lora_alpha, cfg.seed, ckpt)
     prepare_model(model, parts, cfg.lora, cfg.grad_ckpt, d)
@@ -86,7 +89,8 @@ def train(cfg):
                                         loader_workers(cfg.workers, d))
     net = wrap(model, cfg.compile, cfg.lambda_itc and cfg.lambda_is and cfg.lambda_rsc, d)
     batches = iter(make_loader(train_set, micro, seen, cfg.seed, cfg.workers, d))
-    losses_kw = cfg.losses_kw()
+    losses_kw = dict(cfg.losses_kw(), anchor=start and start.clip)
+    start_params = [start.get_parameter(n) for n, _ in named] if cfg.l2sp else None  # L2-SP's θ₀
 
     with StopSignal(d.ddp, say) as stop:
         if step == 0 and cfg.eval_every:
@@ -99,7 +103,7 @@ def train(cfg):
             gens = [torch.Generator().manual_seed(step_seed(cfg.seed, step, a))  # on the host: see UniDiff.losses
                     for a in range(cfg.grad_accum)]
             losses = forward_backward(net, model, batches, gens, losses_kw, d)
-            skipped = optimizer_step(opt, params, ema, step, cfg.max_grad_norm, cfg.ema)
+            skipped = optimizer_step(opt, params, ema, step, cfg.max_grad_norm, cfg.ema, start_params, cfg.l2sp)
             progress.add(losses, skipped)
             step, seen = step + 1, seen + cfg.batch_size
             stopping = stop.agreed()
@@ -252,6 +256,15 @@ def build_model(name, weights, seed, res, vae_steps, train_set, d):
     return model, {"model": "sd15", "sd": str(sd_path.resolve()), "clip": str(clip_path.resolve())}
 
 
+def frozen_start(cfg, ckpt, model, run, d):
+    """θ₀, the frozen start that L2-SP and anchored RSC hold the run near (None when neither is on): a copy of the new
+    run's start, or on --resume the start the run recorded."""
+    if not (cfg.l2sp or cfg.lambda_rsc and cfg.rsc_form == "anchored"):
+        return None
+    start = copy.deepcopy(model) if ckpt is None else load_start(run)[0]
+    return start.to(d.device).requires_grad_(False).eval()
+
+
 def add_adapters(model, parts, rank, alpha, seed, ckpt):
     """--lora: adapters on the attention projections of the `parts` (lora.py), seeded. Resuming: the checkpoint's
     model folders hold the merged weights; the base weights and the adapters come from its lora files."""
@@ -398,10 +411,12 @@ def forward_backward(net, model, batches, gens, losses_kw, d):
     return losses
 
 
-def optimizer_step(opt, params, ema, step, max_grad_norm, ema_decay):
-    """Clip, step AdamW, update the EMA. A non-finite gradient (the loss can still be finite) skips the step:
+def optimizer_step(opt, params, ema, step, max_grad_norm, ema_decay, start_params=None, l2sp=0.0):
+    """L2-SP's gradient (towards start_params), clip, step AdamW, update the EMA. A non-finite gradient (the loss can still be finite) skips the step:
     AdamW's found_inf leaves weights and moments as they were, decided on the device (no host sync); the EMA
     waits too. Returns 1.0 when skipped, else 0.0 (a 0-dim tensor on the device)."""
+    if l2sp:
+        l2_sp_(params, start_params, l2sp)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if max_grad_norm:
         torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)

@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip import CLIP, MEAN, STD, PRESETS as CLIP_PRESETS, Tokenizer, load_clip
-from losses import gather, grad_times, is_loss, itc_loss, rsc_loss, snr, step_rows, v_target, world_size
+from losses import (anchored_loss, gather, grad_times, is_loss, itc_loss, relational_loss, rsc_feature_loss, rsc_loss,
+                    snr, step_rows, v_target, world_size)
 from unet import PRESETS as UNET_PRESETS, UNet, load_unet
 from vae import PRESETS as VAE_PRESETS, VAE, load_vae
 from single_file import load_single_file, to_single_file
@@ -190,10 +191,12 @@ class UniDiff(nn.Module):
                 m.compile(**kwargs)
 
     def losses(self, images, ids, lambda_itc=1.0, lambda_is=1.0, lambda_rsc=0.1, t_max=500, p_uncond=0.1,
-               snr_gamma=None, rsc_one_way=False, generator=None, cache=None, micro_step=0):
+               snr_gamma=None, rsc_form="kl", is_detach_text=False, anchor=None, generator=None, cache=None, micro_step=0):
         """images: pixels (B, 3, H, W) in [-1, 1] at the training resolution, or those Encoded (cached); ids (B, 77)
         -> dict(itc, is_, rsc, total), as the README's "The losses" writes them. A loss whose λ is 0 is not computed
-        (its entry is 0); `rsc_one_way`: RSC's first KL term alone (losses.rsc_loss).
+        (its entry is 0). `rsc_form`, RSC's form: kl (losses.rsc_loss), kl-one-way (its first term alone), feature,
+        relational or anchored (the losses of those names; anchored needs `anchor`, the frozen start CLIP).
+        `is_detach_text`: IS trains the UNet alone, no gradient into the shared text tower.
         `generator`, a CPU torch.Generator, fixes the randomness (BatchDraws says what is drawn in which order).
 
         Gradient accumulation: `cache` is the step's `contrastive_cache` (made with the micro-steps' generators)
@@ -221,10 +224,24 @@ class UniDiff(nn.Module):
             t_all = draws.timesteps(len(self.alphas_cumprod))  # (W·B,) on the host
             t, drop = draws.to_device(t_all[draws.mine]), draws.dropout(p_uncond)  # (B,) each
             z0, noise, zt = self.noised_latents(images, t, draws)  # (B, 4, h, w) each
-            pred = self.unet(zt, t, torch.where(drop[:, None, None], empty, hidden))
+            context = torch.where(drop[:, None, None], empty, hidden)
+            mid = []  # relational RSC reads the UNet's own features: its mid-block output, pooled (B, C)
+            hook = self.unet.mid_block.resnets[1].register_forward_hook(lambda m, i, o: mid.append(o.mean((2, 3)))) \
+                if lambda_rsc and rsc_form == "relational" else None
+            pred = self.unet(zt, t, context.detach() if is_detach_text else context)
+            if hook:
+                hook.remove()
             target = v_target(z0, noise, self.alphas_cumprod, t) if self.v_prediction else noise
             is_ = is_loss(pred, target, snr(self.alphas_cumprod, t), snr_gamma or None, self.v_prediction)
-        if lambda_rsc:  # RSC: the R rows with t < t_max, real and generated in one step, against the step's captions
+        if lambda_rsc and rsc_form == "anchored":  # the batch's images and captions, read by the live and the start CLIP
+            with torch.no_grad():
+                img0, txt0 = anchor.encode_image(real), anchor.encode_text(ids)
+            rsc = anchored_loss(img_emb if lambda_itc else self.clip.encode_image(real), txt_emb, self.clip.logit_scale,
+                                img0, txt0, anchor.logit_scale)
+        elif lambda_rsc and rsc_form == "relational":  # this micro-batch's rows with t < t_max: CLIP's vs the UNet's view
+            sel = draws.to_device((t_all[draws.mine] < t_max).nonzero()[:, 0])
+            rsc = relational_loss(img_emb[sel] if lambda_itc else self.clip.encode_image(real[sel]), mid[0][sel])
+        elif lambda_rsc:  # RSC: the R rows with t < t_max, real and generated in one step, against the step's captions
             rows = (t_all[draws.mine] < t_max).nonzero()[:, 0]  # on the host: no sync, R = len(rows) known
             if len(rows):
                 sel = draws.to_device(rows)
@@ -234,8 +251,9 @@ class UniDiff(nn.Module):
                 real_emb = gen_emb = txt_emb.new_zeros(0, txt_emb.shape[1])
             # this part's rows are one of W·K parts of the step's RSC rows (host tensors: no sync)
             n_rows = int((t_all < t_max).sum()) if cache is None else cache["rsc_rows"]
-            rsc = rsc_loss(real_emb, gen_emb, txt_all, self.clip.logit_scale, n=max(n_rows, 1) / (world_size() * K),
-                           one_way=rsc_one_way)
+            n = max(n_rows, 1) / (world_size() * K)
+            rsc = rsc_feature_loss(real_emb, gen_emb, n) if rsc_form == "feature" else \
+                rsc_loss(real_emb, gen_emb, txt_all, self.clip.logit_scale, n, one_way=rsc_form == "kl-one-way")
         return dict(itc=itc, is_=is_, rsc=rsc, total=lambda_itc * itc + lambda_is * is_ + lambda_rsc * rsc)
 
     def noised_latents(self, images, t, draws):

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers import rel_err
-from losses import gather, grad_times, is_loss, itc_loss, rsc_loss, snr, step_rows, v_target, world_size
+from losses import (anchored_loss, gather, grad_times, is_loss, itc_loss, l2_sp_, relational_loss, rsc_feature_loss,
+                    rsc_loss, snr, step_rows, v_target, world_size)
 
 
 def naive_norm(x):
@@ -247,3 +248,80 @@ def test_ddp_and_accumulation_equal_one_batch():
     for name, p in [("txt.weight", model.txt.weight), ("txt.bias", model.txt.bias)]:
         lacking = one[1]["rsc"][1][name] - one[2]["rsc"][1][name]
         assert rel_err(lacking, p.grad) < 1e-5 and p.grad.abs().max() > 0.1 * one[1]["rsc"][1][name].abs().max()
+
+
+def naive_kl(p, q):
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q) if a > 0)
+
+
+def test_rsc_feature_equals_naive_formula_and_both_sides_learn():
+    torch.manual_seed(0)
+    real, gen = torch.randn(3, 8), torch.randn(3, 8)
+    want = sum(1 - sum(x * y for x, y in zip(a, b)) for a, b in zip(naive_norm(real), naive_norm(gen))) / 3
+    r, g = real.clone().requires_grad_(), gen.clone().requires_grad_()
+    got = rsc_feature_loss(r, g)
+    assert abs(got.item() - want) < 1e-6
+    assert abs(rsc_feature_loss(real, gen, n=6).item() - want / 2) < 1e-6  # a part of a larger batch
+    got.backward()
+    assert r.grad.abs().max() > 0 and g.grad.abs().max() > 0  # reciprocal: both the real and the generated side
+
+
+def test_relational_equals_naive_formula_and_stop_gradients():
+    torch.manual_seed(0)
+    a, b, tau = torch.randn(4, 8), torch.randn(4, 5), 0.1
+
+    def S(x):  # row i: softmax over the other rows j != i of cos(x_i, x_j) / tau
+        n = naive_norm(x)
+        rows = []
+        for i in range(len(n)):
+            logits = [sum(u * v for u, v in zip(n[i], n[j])) / tau for j in range(len(n)) if j != i]
+            rows.append([math.exp(l) for l in naive_logsoftmax(logits)])
+        return rows
+    Sa, Sb = S(a), S(b)
+    want = sum(0.5 * naive_kl(p, q) + 0.5 * naive_kl(q, p) for p, q in zip(Sa, Sb)) / 4
+    la, lb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    got = relational_loss(la, lb, tau)
+    assert abs(got.item() - want) < 1e-5
+    got.backward()
+    # a learns only from ½ KL(sg(S_b) ‖ S_a), b only from ½ KL(sg(S_a) ‖ S_b)
+    def P(x):
+        x = torch.nn.functional.normalize(x, dim=-1)
+        return torch.softmax((x @ x.T / tau).masked_fill(torch.eye(4, dtype=torch.bool), -1e4), -1)
+    def kl(p, q):
+        return (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(-1).mean() / 2
+    a1 = a.clone().requires_grad_()
+    kl(P(b), P(a1)).backward()
+    b1 = b.clone().requires_grad_()
+    kl(P(a), P(b1)).backward()
+    assert torch.allclose(la.grad, a1.grad, atol=1e-5) and la.grad.abs().max() > 0
+    assert torch.allclose(lb.grad, b1.grad, atol=1e-5) and lb.grad.abs().max() > 0
+    z = relational_loss(la[:2], lb[:2])  # fewer than 3 rows: nothing to relate, still in the graph
+    assert z.item() == 0 and z.requires_grad
+
+
+def test_anchored_equals_naive_formula_and_only_the_live_side_learns():
+    torch.manual_seed(0)
+    img, txt, img0, txt0 = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
+    L, L0 = naive_logits(img, txt, math.exp(1.5)), naive_logits(img0, txt0, math.exp(1.0))
+    rows = lambda M: [[math.exp(v) for v in naive_logsoftmax(r)] for r in M]
+    cols = lambda M: rows([list(c) for c in zip(*M)])
+    want = 0.5 * (sum(naive_kl(p, q) for p, q in zip(rows(L0), rows(L))) / 3
+                  + sum(naive_kl(p, q) for p, q in zip(cols(L0), cols(L))) / 3)
+    leaves = [x.clone().requires_grad_() for x in (img, txt, torch.tensor(1.5), img0, txt0, torch.tensor(1.0))]
+    got = anchored_loss(*leaves)
+    assert abs(got.item() - want) < 1e-6
+    got.backward()
+    assert all(x.grad.abs().max() > 0 for x in leaves[:3])  # the live towers and logit scale learn
+    assert anchored_loss(img, txt, torch.tensor(1.5), img, txt, torch.tensor(1.5)).item() < 1e-6  # 0 at the start
+
+
+def test_l2_sp_adds_the_gradient_of_its_penalty():
+    torch.manual_seed(0)
+    p, p0, g = torch.randn(5, 3), torch.randn(5, 3), torch.randn(5, 3)
+    x = p.clone().requires_grad_()
+    (0.3 * (x - p0).pow(2).sum() + (x * g).sum()).backward()  # λ‖θ − θ₀‖² + a loss with gradient g
+    y = p.clone().requires_grad_()
+    y.grad = g.clone()
+    frozen = torch.nn.Parameter(torch.randn(2))  # no gradient (a frozen or unused weight): left alone
+    l2_sp_([y, frozen], [p0, torch.zeros(2)], 0.3)
+    assert torch.allclose(y.grad, x.grad, atol=1e-6) and frozen.grad is None

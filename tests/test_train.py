@@ -65,6 +65,37 @@ def test_resume_after_ctrl_c_equals_straight_run(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "b" / "step_000004" / "state.json").read_text())["samples_seen"] == 16
 
 
+
+def test_l2sp_and_anchored_resume_equal_straight_run(tmp_path, monkeypatch):
+    """Both hold the run near its start, which a resumed run reads back from the run folder."""
+    torch.manual_seed(0)
+    pulled = []
+    def l2_sp_(params, start, lam):  # record what L2-SP pulls towards, then pull
+        pulled.append((lam, {n: p0.clone() for n, p0 in zip(names, start)}))
+        real_l2_sp_(params, start, lam)
+    real_l2_sp_, names = train.l2_sp_, None
+    real_opt = train.make_optimizer
+    def make_optimizer(*a):
+        nonlocal names
+        opt, named = real_opt(*a)
+        names = [n for n, _ in named]
+        return opt, named
+    monkeypatch.setattr(train, "l2_sp_", l2_sp_)
+    monkeypatch.setattr(train, "make_optimizer", make_optimizer)
+    flags = TINY + ["--steps", "3", "--save-every", "3", "--l2sp", "0.5", "--rsc-form", "anchored"]
+    straight_and_interrupted(flags, tmp_path, monkeypatch)
+    assert train.main(["--resume", str(tmp_path / "b")]) == 0
+    a, b = weights(tmp_path / "a" / "step_000003"), weights(tmp_path / "b" / "step_000003")
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    start = weights(tmp_path / "a" / "init")  # the run's start, as the run recorded it
+    assert len(pulled) == 3 + 3 and all(lam == 0.5 for lam, _ in pulled)  # a: 3 steps; b: 2, then 1 resumed
+    for _, theta0 in pulled:
+        for n, p0 in theta0.items():
+            part, key = n.split(".", 1)
+            file = {"unet": "unet/diffusion_pytorch_model.safetensors", "clip": "clip/model.safetensors"}[part]
+            assert torch.equal(p0, start[f"{file}/{key}"].float()), n
+
+
 def test_lora_resume_equals_straight_run_and_checkpoint_holds_the_merge(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     flags = TINY + ["--steps", "4", "--save-every", "4", "--ema", "0.9", "--grad-accum", "2", "--lora", "2",
@@ -350,9 +381,10 @@ def test_snr_gamma_and_caption_dropout_reach_the_losses(tmp_path, monkeypatch):
         return real(self, *a, **kw)
     monkeypatch.setattr(train.UniDiff, "losses", losses)
     torch.manual_seed(0)
-    assert train.main(TINY + ["--steps", "1", "--snr-gamma", "5", "--caption-dropout", "0.3", "--rsc-one-way",
-                              "--out", str(tmp_path / "r")]) == 0
-    assert seen and all(kw["snr_gamma"] == 5 and kw["p_uncond"] == 0.3 and kw["rsc_one_way"] for kw in seen)
+    assert train.main(TINY + ["--steps", "1", "--snr-gamma", "5", "--caption-dropout", "0.3", "--rsc-form",
+                              "kl-one-way", "--is-detach-text", "--out", str(tmp_path / "r")]) == 0
+    assert seen and all(kw["snr_gamma"] == 5 and kw["p_uncond"] == 0.3 and kw["rsc_form"] == "kl-one-way"
+                    and kw["is_detach_text"] for kw in seen)
 
 
 def test_fit_vae_shows_progress(monkeypatch):

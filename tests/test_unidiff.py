@@ -340,3 +340,33 @@ def test_cached_images_give_the_same_losses_and_gradients():
     assert rel_err(cached_losses, losses) < 1e-6
     assert {n.split(".")[0] for n in grads} == {"clip", "unet"}
     assert_same_grads(cached_grads, grads, rtol=1e-6)
+
+
+def test_where_each_rsc_form_and_remedy_sends_gradient():
+    """Each RSC form alone (λ_itc = λ_is = 0), and IS without text gradient: which parts get a gradient."""
+    torch.manual_seed(0)
+    m = UniDiff.tiny()
+    px, caps = pairs()
+    ids = m.tokenizer(caps)
+    start = UniDiff.tiny(seed=1).clip.requires_grad_(False)  # another CLIP stands for the start (the same gives 0)
+    got = lambda p: p.grad is not None and p.grad.abs().max() > 0
+    parts = lambda: dict(unet_in=m.unet.conv_in.weight, unet_out=m.unet.conv_out.weight,
+                         vision=m.clip.vision_model.embeddings.patch_embedding.weight,
+                         text=m.clip.text_model.embeddings.token_embedding.weight)
+    want = {  # feature: through the decoder into the whole UNet; relational: the UNet up to its mid-block (and the
+              # text through its cross-attention), not its up path; anchored: CLIP alone
+        "feature": dict(unet_in=True, unet_out=True, vision=True, text=True),
+        "relational": dict(unet_in=True, unet_out=False, vision=True, text=True),
+        "anchored": dict(unet_in=False, unet_out=False, vision=True, text=True),
+    }
+    for form, expect in want.items():
+        m.zero_grad(set_to_none=True)
+        out = m.losses(px, ids, lambda_itc=0, lambda_is=0, lambda_rsc=1.0, t_max=1000, rsc_form=form, anchor=start)
+        out["total"].backward()
+        assert out["rsc"].item() > 0, form
+        assert {k: got(p) for k, p in parts().items()} == expect, form
+        assert all(p.grad is None for p in m.vae.parameters()) and all(p.grad is None for p in start.parameters())
+    # IS without gradient into the shared text tower: the UNet learns, the text tower does not
+    m.zero_grad(set_to_none=True)
+    m.losses(px, ids, lambda_itc=0, lambda_rsc=0, is_detach_text=True)["total"].backward()
+    assert got(m.unet.conv_in.weight) and not got(m.clip.text_model.embeddings.token_embedding.weight)
