@@ -3,6 +3,7 @@ import json
 import math
 import os
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -126,3 +127,14 @@ def test_ablation_plot_takes_seeds_with_curves_of_different_lengths(tmp_path):
     ablation.plot({"ITC": seeds}, tmp_path / "p.png")  # "expected sequence of length 4"
     assert Image.open(tmp_path / "p.png").size[0] > 500
 
+
+def test_ablation_writes_every_file_atomically(tmp_path, monkeypatch):
+    """Processes run in parallel (one per seed) share the results, the plot and the pretrained arm's measures: each
+    file is written beside itself, then renamed over it, so none is ever seen half written."""
+    real, renamed = os.replace, []
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append((Path(src), Path(dst))) or real(src, dst))
+    assert ablation.main(["--arms", "pretrained", "--seeds", "0", "--n-eval", "8", "--n-gen", "4",
+                          "--out", str(tmp_path)]) == 0
+    written = {p for p in tmp_path.rglob("*") if p.is_file()}  # temp files left behind would show here too
+    assert {d.name for d in written} == {"measures-test.json", "results.json", "results.md", "ablation.png"}
+    assert {d for _, d in renamed} == written and all(s.parent == d.parent for s, d in renamed)

@@ -12,6 +12,7 @@ std over seeds) and a plot.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -108,9 +109,21 @@ def measured(arm, seed, start, judge, domain, world, args):
         model = load_model(run / f"step_{step:06d}")[0].eval()
         curve.append({"step": step, **retrieval_r1(model, domain, world)})
     measures = {"curve": curve, "final": final_measures(model, start, judge, domain, curve[-1], args)}
-    run.mkdir(parents=True, exist_ok=True)
-    kept.write_text(json.dumps({"key": key, "measures": measures}))
+    write_atomic(kept, lambda tmp: tmp.write_text(json.dumps({"key": key, "measures": measures})))
     return measures
+
+
+def write_atomic(path, write):
+    """write(tmp) to a temp file beside `path`, then rename it over `path`: processes run in parallel (one per
+    seed) share the results and the pretrained arm's measures, and none may read or keep half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}{path.suffix}")  # the suffix: savefig's format
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def summary(results):
@@ -169,8 +182,7 @@ def plot(results, path):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
 
 
@@ -214,13 +226,13 @@ def write_results(results, args, domain, world, t0):
     """OUT/results.json, OUT/results.md and the plot; prints the tables."""
     summ = summary(results)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     protocol = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
-    (out / "results.json").write_text(json.dumps({"protocol": protocol, "results": results,
-                                                  "summary": summ, "seconds": time.time() - t0}, indent=1))
+    results_json = json.dumps({"protocol": protocol, "results": results, "summary": summ, "seconds": time.time() - t0},
+                              indent=1)
+    write_atomic(out / "results.json", lambda tmp: tmp.write_text(results_json))
     text = markdown(summ) + (f"\n\n{args.split} splits: demo {len(domain)} pairs, world {len(world)} pairs; "
                              f"seeds {args.seeds}; {args.steps} steps; {time.time() - t0:.0f}s in all.")
-    (out / "results.md").write_text(text + "\n")
+    write_atomic(out / "results.md", lambda tmp: tmp.write_text(text + "\n"))
     plot(results, args.plot or out / "ablation.png")
     print(text)
 
