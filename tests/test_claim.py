@@ -1,6 +1,9 @@
 """The claim in miniature: the shipped pretrained tiny UniDiff, the demo that fine-tunes it, the ablation."""
 import json
 import math
+import os
+import signal
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +14,7 @@ import config
 import train
 from data import open_dataset
 from eval import SAMPLE, embed, retrieval
-from runs import read_state
+from runs import checkpoints, read_state
 from tools import ablation
 from tools.judge import load_judge
 from unidiff import UniDiff
@@ -87,3 +90,51 @@ def test_ablation_reuses_a_run_that_was_resumed(tmp_path):
     assert train.main(flags) == 0
     assert train.main(["--resume", str(out), "--steps", "2"]) == 0  # state.json now holds "resume"
     assert ablation.fine_tune("ITC", 0, args) == out
+
+
+def test_ablation_interrupted_says_so_and_the_rerun_measures_only_the_grid(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a fine-tune saves an off-grid step (3). It was reported as "train.py failed", the rerun put step 3
+    on the curve (`plot` then crashed), and measures kept with step 3 were reused. A last rerun reuses all."""
+    flags = ["--arms", "ITC", "--seeds", "0", "--steps", "4", "--every", "2", "--n-eval", "8", "--n-gen", "4",
+             "--train-size", "16", "--out", str(tmp_path)]
+    real_lr = train.lr_factor
+    def interrupt_at_step_2(step, *a):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr(step, *a)
+    monkeypatch.setattr(train, "lr_factor", interrupt_at_step_2)
+    with pytest.raises(SystemExit) as e:
+        ablation.main(flags)
+    assert e.value.code == 130 and "ITC, seed 0: interrupted" in capsys.readouterr().err
+    assert [c.name for c in checkpoints(tmp_path / "runs" / "ITC" / "seed0")] == ["step_000002", "step_000003"]
+    monkeypatch.setattr(train, "lr_factor", real_lr)
+    steps = lambda: [c["step"] for c in json.loads((tmp_path / "results.json").read_text())["results"]["ITC"]["0"]
+                     ["curve"]]
+    assert ablation.main(flags) == 0 and steps() == [0, 2, 4]
+    kept = tmp_path / "runs" / "ITC" / "seed0" / "measures-test.json"
+    old = json.loads(kept.read_text())  # as measured before: step 3 on the curve, then reused as it was
+    old["measures"]["curve"].insert(2, {**old["measures"]["curve"][1], "step": 3})
+    kept.write_text(json.dumps(old))
+    assert ablation.main(flags) == 0 and steps() == [0, 2, 4]
+    monkeypatch.setattr(train, "main", None)  # reused: neither trained nor measured again
+    monkeypatch.setattr(ablation, "retrieval_r1", None)
+    assert ablation.main(flags) == 0 and steps() == [0, 2, 4]
+
+
+def test_ablation_plot_takes_seeds_with_curves_of_different_lengths(tmp_path):
+    point = lambda step: {"step": step, "in_i2t_r1": 1.0, "in_t2i_r1": 2.0, "out_i2t_r1": 3.0, "out_t2i_r1": 4.0}
+    seeds = {0: {"curve": [point(s) for s in (0, 2, 3, 4)]}, 1: {"curve": [point(s) for s in (0, 2, 4)]}}
+    ablation.plot({"ITC": seeds}, tmp_path / "p.png")  # "expected sequence of length 4"
+    assert Image.open(tmp_path / "p.png").size[0] > 500
+
+
+def test_ablation_writes_every_file_atomically(tmp_path, monkeypatch):
+    """Processes run in parallel (one per seed) share the results, the plot and the pretrained arm's measures: each
+    file is written beside itself, then renamed over it, so none is ever seen half written."""
+    real, renamed = os.replace, []
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append((Path(src), Path(dst))) or real(src, dst))
+    assert ablation.main(["--arms", "pretrained", "--seeds", "0", "--n-eval", "8", "--n-gen", "4",
+                          "--out", str(tmp_path)]) == 0
+    written = {p for p in tmp_path.rglob("*") if p.is_file()}  # temp files left behind would show here too
+    assert {d.name for d in written} == {"measures-test.json", "results.json", "results.md", "ablation.png"}
+    assert {d for _, d in renamed} == written and all(s.parent == d.parent for s, d in renamed)

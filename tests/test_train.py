@@ -451,18 +451,22 @@ def signal_at_step(tmp_path, launcher, args):
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_signal_with_loader_workers_saves_and_resumes(tmp_path, sig, code):
     run = tmp_path / "r"
+    flags = [*TINY, "--batch-size", "6", "--grad-accum", "6", "--steps", "4", "--save-every", "4", "--workers", "2"]
     # Ctrl-C (or a scheduler's SIGTERM) reaches the whole process group, loader workers too. The workers
     # alternate batches, so at step 2 both have started; with 6 micro-steps the step under way needs
     # batches beyond the 4 already requested: the workers must live on.
-    p = signal_at_step(tmp_path, [sys.executable], [sig, "2", "group", *TINY, "--batch-size", "6", "--grad-accum", "6",
-                                                     "--steps", "4", "--save-every", "4", "--workers", "2",
-                                                     "--out", str(run)])
+    p = signal_at_step(tmp_path, [sys.executable], [sig, "2", "group", *flags, "--out", str(run)])
     assert p.returncode == code, p.stdout[-2000:] + p.stderr[-2000:]
     assert "exited unexpectedly" not in p.stderr and "Traceback" not in p.stderr
     assert "stopped at step 3" in p.stdout  # the step under way finished, then saved
     assert [c.name for c in train.checkpoints(run)] == ["step_000003"]
     assert train.main(["--resume", str(run)]) == 0
     assert [c.name for c in train.checkpoints(run)] == ["step_000003", "step_000004"]
+    # and it is the straight run, to the bit (one thread here and there): the names hold for a resume on other data
+    assert train.main(flags + ["--out", str(tmp_path / "a")]) == 0
+    a, b = weights(tmp_path / "a" / "step_000004"), weights(run / "step_000004")
+    assert a.keys() == b.keys() and any(".exp_avg_sq" in k for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_ddp_sigterm_to_one_rank_stops_both_after_that_step(tmp_path):

@@ -6,12 +6,13 @@ embedding space (collapse) and to generation (read by a frozen judge).
     python -m tools.ablation --split val --arms ITC+IS --seeds 0 --lr-clip 1e-4   # choosing it: validation only
 
 Each arm is `train.py --data demo` with its loss weights, the same data, steps, learning rates and seeds;
-"pretrained" is the start model itself. Retrieval is measured at every checkpoint (a curve over steps),
+"pretrained" is the start model itself. Retrieval is measured every --every steps (a curve over steps),
 everything else at the end. Writes OUT/results.json (every figure of every run), OUT/results.md (mean ±
 std over seeds) and a plot.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,11 @@ def fine_tune(arm, seed, args):
         if int(done[-1].name[5:]) == args.steps:
             return out
         flags = ["--resume", str(out)]
-    if train.main(flags) != 0:
+    code = train.main(flags)
+    if code > 128:  # 128 + the signal: train.py saved the step it was on and stopped
+        print(f"{arm}, seed {seed}: interrupted; run the same command again to continue it", file=sys.stderr)
+        raise SystemExit(code)
+    if code != 0:
         raise SystemExit(f"{arm}, seed {seed}: train.py failed (flags {' '.join(flags)})")
     return out
 
@@ -92,17 +97,33 @@ def measured(arm, seed, start, judge, domain, world, args):
     it first; kept in its run folder and reused by a later call with the same measuring flags."""
     run = fine_tune(arm, seed, args) if ARMS[arm] else Path(args.out) / "runs" / arm
     key = {k: getattr(args, k) for k in ("split", "n_eval", "n_gen")}
+    # the --every grid and the end, not a step an interrupt saved (Ctrl-C, SIGTERM) that the continued run keeps
+    grid = [s for s in (int(c.name[5:]) for c in checkpoints(run)) if s == args.steps or args.every and s % args.every == 0]
     kept = run / f"measures-{args.split}.json"
-    if kept.is_file() and json.loads(kept.read_text())["key"] == key:
-        return json.loads(kept.read_text())["measures"]
+    was = json.loads(kept.read_text()) if kept.is_file() else None
+    # a kept curve with an off-grid step (measured before they were left out) is measured again
+    if was and was["key"] == key and [c["step"] for c in was["measures"]["curve"]] == [0] + grid:
+        return was["measures"]
     model, curve = start, [{"step": 0, **retrieval_r1(start, domain, world)}]
-    for ckpt in checkpoints(run):
-        model = load_model(ckpt)[0].eval()
-        curve.append({"step": int(ckpt.name[5:]), **retrieval_r1(model, domain, world)})
+    for step in grid:
+        model = load_model(run / f"step_{step:06d}")[0].eval()
+        curve.append({"step": step, **retrieval_r1(model, domain, world)})
     measures = {"curve": curve, "final": final_measures(model, start, judge, domain, curve[-1], args)}
-    run.mkdir(parents=True, exist_ok=True)
-    kept.write_text(json.dumps({"key": key, "measures": measures}))
+    write_atomic(kept, lambda tmp: tmp.write_text(json.dumps({"key": key, "measures": measures})))
     return measures
+
+
+def write_atomic(path, write):
+    """write(tmp) to a temp file beside `path`, then rename it over `path`: processes run in parallel (one per
+    seed) share the results and the pretrained arm's measures, and none may read or keep half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}{path.suffix}")  # the suffix: savefig's format
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def summary(results):
@@ -146,12 +167,14 @@ def plot(results, path):
         if arm == "pretrained":
             continue
         for ax, side in zip(axes, ("in", "out")):
-            curves = [[(c[f"{side}_i2t_r1"] + c[f"{side}_t2i_r1"]) / 2 for c in s["curve"]] for s in seeds.values()]
-            steps = [c["step"] for c in next(iter(seeds.values()))["curve"]]
-            t = torch.tensor(curves)
-            mean, lo, hi = t.mean(0), t.min(0).values, t.max(0).values
-            line, = ax.plot(steps, mean, label=arm)
-            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+            at = {}  # {step: each seed's R@1 there}: the seeds' curves need not have the same steps
+            for s in seeds.values():
+                for c in s["curve"]:
+                    at.setdefault(c["step"], []).append((c[f"{side}_i2t_r1"] + c[f"{side}_t2i_r1"]) / 2)
+            steps = sorted(at)
+            line, = ax.plot(steps, [sum(at[s]) / len(at[s]) for s in steps], label=arm)
+            ax.fill_between(steps, [min(at[s]) for s in steps], [max(at[s]) for s in steps], color=line.get_color(),
+                            alpha=0.15)
     for ax, title in zip(axes, ("in domain (demo test): R@1, mean of I→T and T→I", "out of domain (world test): R@1")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("fine-tuning step")
@@ -159,8 +182,7 @@ def plot(results, path):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
 
 
@@ -204,13 +226,13 @@ def write_results(results, args, domain, world, t0):
     """OUT/results.json, OUT/results.md and the plot; prints the tables."""
     summ = summary(results)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     protocol = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
-    (out / "results.json").write_text(json.dumps({"protocol": protocol, "results": results,
-                                                  "summary": summ, "seconds": time.time() - t0}, indent=1))
+    results_json = json.dumps({"protocol": protocol, "results": results, "summary": summ, "seconds": time.time() - t0},
+                              indent=1)
+    write_atomic(out / "results.json", lambda tmp: tmp.write_text(results_json))
     text = markdown(summ) + (f"\n\n{args.split} splits: demo {len(domain)} pairs, world {len(world)} pairs; "
                              f"seeds {args.seeds}; {args.steps} steps; {time.time() - t0:.0f}s in all.")
-    (out / "results.md").write_text(text + "\n")
+    write_atomic(out / "results.md", lambda tmp: tmp.write_text(text + "\n"))
     plot(results, args.plot or out / "ablation.png")
     print(text)
 
