@@ -1,17 +1,23 @@
 """The claim in miniature: fine-tune the shipped pretrained tiny UniDiff on the demo's narrow domain with
-each combination of the losses, and measure what each does in the domain, out of it (forgetting), to the
-embedding space (collapse) and to generation (read by a frozen judge).
+each combination of the losses and each remedy for forgetting, and measure what each does in the domain, out
+of it (forgetting), to the embedding space (collapse) and to generation (read by a frozen judge).
 
-    python -m tools.ablation --plot assets/ablation.png          # the protocol in docs/results.md (test splits)
-    python -m tools.ablation --split val --arms ITC+IS --seeds 0 --lr-clip 1e-4   # choosing it: validation only
+    python -m tools.ablation --plot assets/forgetting.png      # the forgetting study in docs/results.md (test splits)
+    python -m tools.ablation --split val --arms "RSC feature" --seeds 0 --flags "--lambda-rsc 1"   # choosing: val
+    python -m tools.ablation --cost                            # step time per arm, relative to ITC+IS
 
 Each arm is `train.py --data demo` with its loss weights, the same data, steps, learning rates and seeds;
 "pretrained" is the start model itself. Retrieval is measured every --every steps (a curve over steps),
-everything else at the end. Writes OUT/results.json (every figure of every run), OUT/results.md (mean ±
-std over seeds) and a plot.
+everything else at the end; WiSE-FT's interpolations of each fine-tune with the start are measured too.
+Writes OUT/results.json (every figure of every run), OUT/results.md (mean ± std over seeds), the curves' plot
+and the front: in-domain against out-of-domain R@1.
 """
 import argparse
+import contextlib
+import copy
+import io
 import json
+import tempfile
 import os
 import sys
 import time
@@ -28,16 +34,31 @@ from runs import checkpoints, load_model, read_state
 from tools.judge import load_judge
 from unidiff import UniDiff
 
-# λ_itc, λ_is, λ_rsc and RSC's variant per arm; the rest of the fine-tune is the demo's (config.py DEMO).
+# The train.py flags of each arm; the rest of the fine-tune is the demo's (config.py DEMO). The values marked
+# "val" were chosen on the validation splits (docs/results.md, the forgetting study).
+ITC_IS = dict(lambda_itc=1, lambda_is=1, lambda_rsc=0)
 ARMS = {
     "pretrained": None,
     "ITC": dict(lambda_itc=1, lambda_is=0, lambda_rsc=0),
     "IS": dict(lambda_itc=0, lambda_is=1, lambda_rsc=0),
-    "ITC+IS": dict(lambda_itc=1, lambda_is=1, lambda_rsc=0),
+    "ITC+IS": ITC_IS,
     "ITC+IS+RSC": dict(lambda_itc=1, lambda_is=1, lambda_rsc=0.1),
-    "ITC+IS+RSC one-way": dict(lambda_itc=1, lambda_is=1, lambda_rsc=0.1, rsc_one_way=True),
+    "ITC+IS+RSC one-way": dict(lambda_itc=1, lambda_is=1, lambda_rsc=0.1, rsc_form="kl-one-way"),
     "ITC+IS+RSC λ=1": dict(lambda_itc=1, lambda_is=1, lambda_rsc=1.0),
+    "RSC feature": dict(ITC_IS, lambda_rsc=0.1, rsc_form="feature"),  # λ: val
+    "RSC relational": dict(ITC_IS, lambda_rsc=0.1, rsc_form="relational"),  # λ: val
+    "RSC anchored": dict(ITC_IS, lambda_rsc=0.1, rsc_form="anchored"),  # λ: val
+    "L2-SP": dict(ITC_IS, l2sp=0.1),  # λ: val
+    "LoRA 4": dict(ITC_IS, lora=4),
+    "LoRA 16": dict(ITC_IS, lora=16),
+    "small CLIP lr": dict(ITC_IS, lr_clip=1e-4),  # lr: val
+    "IS no text grad": dict(ITC_IS, is_detach_text=True),
 }
+# the forgetting study's arms (the first protocols' are the others: docs/results.md)
+STUDY = ["pretrained", "IS", "ITC+IS", "ITC+IS+RSC", "ITC+IS+RSC one-way", "RSC feature", "RSC relational",
+         "RSC anchored", "L2-SP", "LoRA 4", "LoRA 16", "small CLIP lr", "IS no text grad"]
+WISE = (0.25, 0.5, 0.75)  # WiSE-FT's α: the weights (1 − α) θ₀ + α θ of the start θ₀ and the fine-tune θ
+GOAL = (50.0, 33.3)  # in-domain and out-of-domain R@1 (%, mean of both directions) the study aims for
 
 
 def fine_tune(arm, seed, args):
@@ -45,10 +66,7 @@ def fine_tune(arm, seed, args):
     when complete and continued (--resume) when cut off, so the ablation can be stopped and started again."""
     out = Path(args.out) / "runs" / arm.replace(" ", "_") / f"seed{seed}"
     flags = ["--data", "demo", "--out", str(out), "--seed", str(seed), "--steps", str(args.steps),
-             "--save-every", str(args.every), "--eval-every", "0", "--lr-unet", str(args.lr_unet),
-             "--lr-clip", str(args.lr_clip)] + (["--train-size", str(args.train_size)] if args.train_size else [])
-    for k, v in ARMS[arm].items():
-        flags += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
+             "--save-every", str(args.every), "--eval-every", "0"] + arm_flags(arm, args)
     done = checkpoints(out)
     if done:
         saved, wanted = read_state(done[-1])["args"], vars(train.parse_args(flags))
@@ -64,6 +82,23 @@ def fine_tune(arm, seed, args):
     if code != 0:
         raise SystemExit(f"{arm}, seed {seed}: train.py failed (flags {' '.join(flags)})")
     return out
+
+
+def arm_flags(arm, args):
+    """The train.py flags of an arm: the ablation's learning rates, the arm's own flags, then --flags."""
+    flags = ["--lr-unet", str(args.lr_unet), "--lr-clip", str(args.lr_clip)]
+    flags += ["--train-size", str(args.train_size)] if args.train_size else []
+    for k, v in ARMS[arm].items():
+        flags += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
+    return flags + args.flags.split()
+
+
+def wise_ft(start, tuned, alpha):
+    """WiSE-FT (Wortsman et al. 2022): the model with weights (1 − α) θ₀ + α θ, of the start and of the fine-tune."""
+    s0, model = start.state_dict(), copy.deepcopy(tuned)
+    model.load_state_dict({k: torch.lerp(s0[k].float(), v.float(), alpha).to(v.dtype) if v.is_floating_point() else v
+                           for k, v in tuned.state_dict().items()})
+    return model
 
 
 @torch.no_grad()
@@ -96,7 +131,7 @@ def measured(arm, seed, start, judge, domain, world, args):
     """{"curve": retrieval at each checkpoint, "final": everything at the end} of one arm and seed, fine-tuning
     it first; kept in its run folder and reused by a later call with the same measuring flags."""
     run = fine_tune(arm, seed, args) if ARMS[arm] else Path(args.out) / "runs" / arm
-    key = {k: getattr(args, k) for k in ("split", "n_eval", "n_gen")}
+    key = {k: getattr(args, k) for k in ("split", "n_eval", "n_gen")} | {"wise": list(WISE)}
     # the --every grid and the end, not a step an interrupt saved (Ctrl-C, SIGTERM) that the continued run keeps
     grid = [s for s in (int(c.name[5:]) for c in checkpoints(run)) if s == args.steps or args.every and s % args.every == 0]
     kept = run / f"measures-{args.split}.json"
@@ -108,7 +143,9 @@ def measured(arm, seed, start, judge, domain, world, args):
     for step in grid:
         model = load_model(run / f"step_{step:06d}")[0].eval()
         curve.append({"step": step, **retrieval_r1(model, domain, world)})
-    measures = {"curve": curve, "final": final_measures(model, start, judge, domain, curve[-1], args)}
+    measures = {"curve": curve, "final": final_measures(model, start, judge, domain, curve[-1], args),
+                "wise": [{"alpha": a, **retrieval_r1(wise_ft(start, model, a), domain, world)}
+                         for a in (WISE if ARMS[arm] else ())]}
     write_atomic(kept, lambda tmp: tmp.write_text(json.dumps({"key": key, "measures": measures})))
     return measures
 
@@ -157,6 +194,72 @@ def markdown(summ):
     return "\n\n".join(tables)
 
 
+def r1(m, side):
+    """R@1 in or out of the domain, the mean of both directions."""
+    return (m[f"{side}_i2t_r1"] + m[f"{side}_t2i_r1"]) / 2
+
+
+def goal_score(r_in, r_out):
+    """The share of the goal that the weaker side reaches: min(in / 50, out / 33.3). The rule the study chooses by."""
+    return min(r_in / GOAL[0], r_out / GOAL[1])
+
+
+def front_points(seeds):
+    """An arm's points on the front, {α: (in R@1, out R@1), each (mean, std over seeds)}: α = 1 is the fine-tune,
+    the others its WiSE-FT interpolations with the start."""
+    runs = list(seeds.values())
+    points = {1.0: [m["final"] for m in runs]} | {w["alpha"]: [] for w in runs[0]["wise"]}
+    for m in runs:
+        for w in m["wise"]:
+            points[w["alpha"]].append(w)
+    mean_std = lambda xs: (sum(xs) / len(xs), torch.tensor(xs, dtype=torch.float64).std().item() if len(xs) > 1 else 0.0)
+    return {a: tuple(mean_std([r1(m, side) for m in ms]) for side in ("in", "out")) for a, ms in sorted(points.items())}
+
+
+def front_table(results):
+    """One line per arm: in- and out-of-domain R@1 and the goal score of the fine-tune and of each WiSE-FT α."""
+    alphas = sorted({w["alpha"] for seeds in results.values() for m in seeds.values() for w in m["wise"]}, reverse=True)
+    head = ["arm", "in R@1", "out R@1", "goal score"] + [f"WiSE α={a:g}: in / out (score)" for a in alphas]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for arm, seeds in results.items():
+        pts = front_points(seeds)
+        (i, di), (o, do) = pts[1.0]
+        cells = [arm, f"{i:.1f} ± {di:.1f}", f"{o:.1f} ± {do:.1f}", f"{goal_score(i, o):.3f}"]
+        cells += [f"{pts[a][0][0]:.1f} / {pts[a][1][0]:.1f} ({goal_score(pts[a][0][0], pts[a][1][0]):.3f})"
+                  if a in pts else "" for a in alphas]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_front(results, path):
+    """In-domain against out-of-domain R@1 at the end: a marker per arm (bars: the seeds' std), its WiSE-FT curve
+    through the start (α = 0) dashed, and the goal's corner."""
+    import matplotlib  # optional: only the plot needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 6))
+    start = front_points(results["pretrained"])[1.0] if "pretrained" in results else None
+    for arm, seeds in results.items():
+        if arm == "pretrained":
+            ax.plot(start[0][0], start[1][0], "k*", ms=12, label="pretrained (WiSE α = 0)")
+            continue
+        pts = front_points(seeds)
+        (i, di), (o, do) = pts[1.0]
+        bar = ax.errorbar(i, o, xerr=di, yerr=do, fmt="o", ms=6, capsize=2, label=arm)
+        curve = ([(start[0][0], start[1][0])] if start else []) + [(p[0][0], p[1][0]) for p in pts.values()]
+        ax.plot(*zip(*curve), "--", color=bar[0].get_color(), lw=1.5 if arm == "ITC+IS" else 0.7, alpha=0.7)
+    ax.set(xlabel="in domain (demo): R@1 %, mean of I→T and T→I", ylabel="out of domain (world): R@1 %",
+           title="The front: what the fine-tune learns against what it keeps")
+    ax.set_xlim(0, max(70, ax.get_xlim()[1]))
+    ax.set_ylim(0, max(60, ax.get_ylim()[1]))
+    ax.add_patch(plt.Rectangle(GOAL, 100, 100, color="green", alpha=0.08, label="the goal"))  # after the limits
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    plt.close(fig)
+
+
 def plot(results, path):
     """In-domain and out-of-domain R@1 (mean of both directions) over steps, one line per arm, seed spread."""
     import matplotlib  # optional: only the plot needs it
@@ -190,7 +293,8 @@ def parse_args(argv, demo):
     """-> (args, arms, seeds as ints); a bad flag stops with one line."""
     p = argparse.ArgumentParser(prog="python -m tools.ablation",
                                 description="Fine-tune the pretrained tiny UniDiff per loss arm; measure each.")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from: {', '.join(ARMS)} (default: all)")
+    p.add_argument("--arms", default=",".join(STUDY), help=f"comma-separated, from: {', '.join(ARMS)} (default: "
+                   "the forgetting study's)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: data order and noise (default 0,1,2)")
     p.add_argument("--steps", type=int, default=demo["steps"], help=f"fine-tuning steps (default {demo['steps']})")
     p.add_argument("--every", type=int, default=50, help="steps between retrieval measurements (default 50)")
@@ -202,7 +306,10 @@ def parse_args(argv, demo):
     p.add_argument("--n-eval", type=int, help="measure on the first N items of each split (default: all)")
     p.add_argument("--n-gen", type=int, default=200, help="images generated from domain captions (default 200)")
     p.add_argument("--out", default="runs/ablation", help="folder for the runs and results (default runs/ablation)")
-    p.add_argument("--plot", help="the PNG plot (default OUT/ablation.png)")
+    p.add_argument("--flags", default="", help='more train.py flags for every arm, given last, e.g. "--lambda-rsc 1"')
+    p.add_argument("--plot", help="the curves' PNG plot (default OUT/ablation.png); the front goes beside it, "
+                   "NAME-front.png")
+    p.add_argument("--cost", action="store_true", help="time a short fine-tune of each arm instead (one process)")
     args = p.parse_args(argv)
     arms, seeds = args.arms.split(","), args.seeds.split(",")
     if set(arms) - set(ARMS):
@@ -230,16 +337,45 @@ def write_results(results, args, domain, world, t0):
     results_json = json.dumps({"protocol": protocol, "results": results, "summary": summ, "seconds": time.time() - t0},
                               indent=1)
     write_atomic(out / "results.json", lambda tmp: tmp.write_text(results_json))
-    text = markdown(summ) + (f"\n\n{args.split} splits: demo {len(domain)} pairs, world {len(world)} pairs; "
+    text = markdown(summ) + "\n\n" + front_table(results) + (f"\n\n{args.split} splits: demo {len(domain)} pairs, world {len(world)} pairs; "
                              f"seeds {args.seeds}; {args.steps} steps; {time.time() - t0:.0f}s in all.")
     write_atomic(out / "results.md", lambda tmp: tmp.write_text(text + "\n"))
-    plot(results, args.plot or out / "ablation.png")
+    path = Path(args.plot or out / "ablation.png")
+    plot(results, path)
+    plot_front(results, path.with_name(path.stem + "-front.png"))
     print(text)
+
+
+def cost(arms, args):
+    """Seconds per step of each arm on this machine: a 40-step fine-tune less a 10-step one (setup and saving
+    cancel), one arm after another in this process -> a table, relative to ITC+IS."""
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arm in [a for a in arms if ARMS[a]]:
+            took = []
+            for steps in (10, 40):
+                flags = ["--data", "demo", "--out", f"{tmp}/{arm}-{steps}".replace(" ", "_"), "--steps", str(steps),
+                         "--save-every", "0", "--eval-every", "0"] + arm_flags(arm, args)
+                t0 = time.perf_counter()
+                with contextlib.redirect_stdout(io.StringIO()):
+                    if train.main(flags) != 0:
+                        raise SystemExit(f"{arm}: train.py failed (flags {' '.join(flags)})")
+                took.append(time.perf_counter() - t0)
+            times[arm] = (took[1] - took[0]) / 30
+            print(f"cost: {arm}: {times[arm]:.3f} s/step", flush=True)
+    base = times.get("ITC+IS")
+    return "\n".join(["| arm | s/step | relative to ITC+IS |", "|---|---|---|"] +
+                     [f"| {a} | {t:.3f} | {t / base:.2f} |" if base else f"| {a} | {t:.3f} | |" for a, t in times.items()])
 
 
 def main(argv=None):
     demo = defaults("tiny", "demo")
     args, arms, seeds = parse_args(argv, demo)
+    if args.cost:
+        table = cost(arms, args)
+        write_atomic(Path(args.out) / "cost.md", lambda tmp: tmp.write_text(table + "\n"))
+        print(table)
+        return 0
     t0 = time.time()
     torch.manual_seed(0)
     domain = open_dataset("demo", args.split, args.res)
