@@ -93,8 +93,9 @@ def train(cfg):
     start_params = [start.get_parameter(n) for n, _ in named] if cfg.l2sp else None  # L2-SP's θ₀
 
     with StopSignal(d.ddp, say) as stop:
+        first = last = None  # the validations' retrieval, for the summary line
         if step == 0 and cfg.eval_every:
-            validate(model, params, ema, test_set, ood_set, step, run, cfg.res, d)
+            first = validate(model, params, ema, test_set, ood_set, step, run, cfg.res, d)
         progress = Progress(d.device, cfg.steps, cfg.batch_size)
         while step < cfg.steps:
             factor = lr_factor(step, cfg.warmup, cfg.steps)
@@ -117,13 +118,26 @@ def train(cfg):
                 say(f"stopped at step {step}: continue with  {resume_command(d)} --resume {run}")
                 return 128 + stopping  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
             if at_eval:
-                validate(model, params, ema, test_set, ood_set, step, run, cfg.res, d)
+                last = validate(model, params, ema, test_set, ood_set, step, run, cfg.res, d)
             if at_save:
                 save(model, named, opt, ema, step, seen, run, cfg, d)
             progress.t_line = time.time()  # validating and saving are not training time
     samples = f", samples in {run / 'samples'}/" if (run / "samples").is_dir() else ""  # none without validation
     say(f"done: {step} steps; checkpoints in {run}/{samples}")
+    if first and last:
+        say(summary(first, last))
     return 0
+
+
+def summary(first, last):
+    """What the run learnt in its domain and kept out of it: test R@1, the mean of both directions."""
+    r1 = lambda r: (r["i2t_r1"] + r["t2i_r1"]) / 2
+    (a, b), line = (r1(first["test"]), r1(last["test"])), "summary: test R@1 (mean of I→T and T→I)"
+    line += f" in domain {a:.1f} % → {b:.1f} % ({b - a:+.1f} points)"
+    if "out of domain test" in first:
+        a, b = r1(first["out of domain test"]), r1(last["out of domain test"])
+        line += f"; out of domain {a:.1f} % → {b:.1f} %: {100 * b / max(a, 1e-9):.0f} % kept"
+    return line
 
 
 def resume_command(d):
@@ -483,7 +497,9 @@ def stopped(run, what):
 
 def validate(model, params, ema, test_set, ood_set, step, run, res, d):
     """Test retrieval (and out of domain, with --ood-data) and a grid of samples from test captions: rows of
-    real images, the start model's samples (drawn at step 0) and the current model's; the EMA weights if any."""
+    real images, the start model's samples (drawn at step 0) and the current model's; the EMA weights if any.
+    Returns {split name: retrieval} on rank 0."""
+    found = {}
     if d.master:
         model.eval()
         with swap_in(params, ema), autocast(d.device):
@@ -492,7 +508,7 @@ def validate(model, params, ema, test_set, ood_set, step, run, res, d):
                 f"{len(picks)} test captions ({SAMPLE['steps']} DDIM steps)")
             for name, ds in (("test", test_set), ("out of domain test", ood_set)):
                 if ds is not None:
-                    r = retrieval(*embed(model, ds), ds.captions)
+                    r = found[name] = retrieval(*embed(model, ds), ds.captions)
                     say(f"step {step} | {name} retrieval, {len(ds)} pairs{' (EMA)' if ema else ''}: "
                         f"I→T R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} | "
                         f"T→I {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f} | chance R@1 {r['chance_r1']:.1f} (%)")
@@ -507,6 +523,7 @@ def validate(model, params, ema, test_set, ood_set, step, run, res, d):
         save_grid(rows, run / "samples" / f"step_{step:06d}.png")
         model.train()
     d.barrier()
+    return found
 
 
 def distinct(captions, n):

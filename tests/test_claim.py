@@ -1,5 +1,6 @@
 """The claim in miniature: the shipped pretrained tiny UniDiff, the demo that fine-tunes it, the ablation."""
 import json
+import re
 import math
 import os
 import signal
@@ -40,6 +41,14 @@ def test_demo_fine_tunes_the_shipped_model(tmp_path, capsys):
                        "--out", str(run)]) == 0
     out = capsys.readouterr().out
     assert "test retrieval, 200 pairs" in out and "out of domain test retrieval, 1000 pairs" in out
+    # the last line: the in-domain gain and what was kept out of it, from the first and last validations
+    r1 = lambda line: sum(float(x) for x in re.findall(r"(?:I→T R@1/5/10|T→I) ([\d.]+)", line)) / 2
+    lines = [line for line in out.splitlines() if "retrieval, " in line]
+    (i0, o0), (i1, o1) = [(r1(lines[k]), r1(lines[k + 1])) for k in (0, -2)]
+    last = out.splitlines()[-1]
+    assert last.startswith("summary: test R@1 (mean of I→T and T→I) in domain") and last.endswith("% kept")
+    got = [float(x) for x in re.findall(r"(-?[\d.]+) %", last)]  # in0, in1, out0, out1, kept
+    assert max(abs(g - w) for g, w in zip(got, [i0, i1, o0, o1])) < 0.1 and abs(got[4] - 100 * o1 / o0) < 1
     start = json.loads((run / "run.json").read_text())["start"]
     assert start["weights"] == str(config.PRETRAINED_TINY)
     init, shipped = UniDiff.from_pretrained(run / "init"), UniDiff.from_pretrained(config.PRETRAINED_TINY)
@@ -63,7 +72,38 @@ def test_ablation_runs_end_to_end_at_micro_scale(tmp_path):
         assert all(math.isfinite(v) for v in final.values())
     md = (tmp_path / "results.md").read_text()
     assert all(f"| {arm} |" in md for arm in arms)
-    assert Image.open(tmp_path / "ablation.png").size[0] > 500
+    assert Image.open(tmp_path / "ablation.png").size[0] > 500 and Image.open(tmp_path / "ablation-front.png")
+    # each fine-tune's WiSE-FT points, and the front table's line for it
+    wise = res["results"]["ITC"]["0"]["wise"]
+    assert [w["alpha"] for w in wise] == list(ablation.WISE) and res["results"]["pretrained"]["0"]["wise"] == []
+    pts = ablation.front_points(res["results"]["ITC"])
+    assert pts[0.5] == ((ablation.r1(wise[1], "in"), 0.0), (ablation.r1(wise[1], "out"), 0.0))
+    assert f"| ITC | {pts[1.0][0][0]:.1f} ± 0.0 | {pts[1.0][1][0]:.1f} ± 0.0 |" in md
+
+
+def test_wise_ft_interpolates_every_weight_and_flags_reach_train(tmp_path):
+    a, b = UniDiff.tiny(seed=0), UniDiff.tiny(seed=1)
+    for alpha in (0.0, 0.25, 1.0):
+        w = ablation.wise_ft(a, b, alpha).state_dict()
+        assert all(torch.allclose(w[k], (1 - alpha) * a.state_dict()[k] + alpha * v, atol=1e-6)
+                   for k, v in b.state_dict().items())
+    args = SimpleNamespace(lr_unet=1e-3, lr_clip=1e-3, train_size=None, flags="--lambda-rsc 3 --l2sp 0.5")
+    cfg = train.parse_args(["--data", "demo", *ablation.arm_flags("RSC feature", args)])
+    assert (cfg.lambda_rsc, cfg.rsc_form, cfg.l2sp, cfg.lr_clip) == (3.0, "feature", 0.5, 1e-3)  # --flags come last
+
+
+def test_ablation_cost_is_the_step_time_past_setup(tmp_path, monkeypatch, capsys):
+    clock = [0.0]
+    per_step = {"ITC+IS": 0.2, "RSC feature": 0.3}
+    def fake_main(flags):  # 5 s of setup, then each step's time
+        arm = "RSC feature" if "feature" in flags else "ITC+IS"
+        clock[0] += 5 + per_step[arm] * int(flags[flags.index("--steps") + 1])
+        return 0
+    monkeypatch.setattr(ablation.train, "main", fake_main)
+    monkeypatch.setattr(ablation.time, "perf_counter", lambda: clock[0])
+    assert ablation.main(["--cost", "--arms", "pretrained,ITC+IS,RSC feature", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "cost.md").read_text()
+    assert "| ITC+IS | 0.200 | 1.00 |" in table and "| RSC feature | 0.300 | 1.50 |" in table
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -82,7 +122,7 @@ def test_ablation_refuses_bad_numbers_with_one_line(flags, says, tmp_path, capsy
 
 def test_ablation_reuses_a_run_that_was_resumed(tmp_path):
     """A run cut off and continued with --resume records resume in its state: the ablation refused to reuse it."""
-    args = SimpleNamespace(out=str(tmp_path), steps=2, every=1, lr_unet=2e-3, lr_clip=1e-3, train_size=16)
+    args = SimpleNamespace(out=str(tmp_path), steps=2, every=1, lr_unet=2e-3, lr_clip=1e-3, train_size=16, flags="")
     out = tmp_path / "runs" / "ITC" / "seed0"
     flags = ["--data", "demo", "--out", str(out), "--seed", "0", "--steps", "1", "--save-every", "1",
              "--eval-every", "0", "--lr-unet", str(args.lr_unet), "--lr-clip", str(args.lr_clip), "--train-size", "16",
@@ -136,5 +176,6 @@ def test_ablation_writes_every_file_atomically(tmp_path, monkeypatch):
     assert ablation.main(["--arms", "pretrained", "--seeds", "0", "--n-eval", "8", "--n-gen", "4",
                           "--out", str(tmp_path)]) == 0
     written = {p for p in tmp_path.rglob("*") if p.is_file()}  # temp files left behind would show here too
-    assert {d.name for d in written} == {"measures-test.json", "results.json", "results.md", "ablation.png"}
+    assert {d.name for d in written} == {"measures-test.json", "results.json", "results.md", "ablation.png",
+                                         "ablation-front.png"}
     assert {d for _, d in renamed} == written and all(s.parent == d.parent for s, d in renamed)
