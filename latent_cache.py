@@ -3,8 +3,8 @@
 Row i holds image i as UniDiff.encode makes it (unidiff.Encoded): the frozen VAE's posterior, mean and
 log-variance, and CLIP's view of the image, in the precision the step computes them in. A step on the cache
 is then the step on the pixels without the VAE encoder: z0 is still drawn from the posterior, with the same
-draws. One safetensors file per (data, resolution, VAE weights, precision), named by a hash of the four: a
-run that changes any of them gets a new file, never a stale one. The rows are written in place, so no tensor
+draws. One safetensors file per (data, resolution, VAE, CLIP's input size, precision), named by a hash of the
+five: a run that changes any of them gets a new file, never a stale one. The rows are written in place, so no tensor
 is ever whole in memory and each DDP rank writes its own share; they are read from a memory map.
 """
 import hashlib
@@ -28,9 +28,12 @@ PROGRESS_EVERY = 5  # seconds between progress lines while encoding
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}  # safetensors' names
 
 
-def cache_file(folder, name, dataset, res, vae, dtype):
-    """The cache file of `dataset` (called `name`) at resolution `res`, encoded by `vae` in `dtype`."""
-    h = hashlib.sha256(json.dumps([data_key(dataset), res, str(dtype)]).encode())
+def cache_file(folder, name, dataset, res, model, dtype):
+    """The cache file of `dataset` (called `name`) at resolution `res`, encoded by `model` (UniDiff.encode: its VAE
+    and CLIP's input size) in `dtype`."""
+    vae = model.vae
+    h = hashlib.sha256(json.dumps([data_key(dataset), res, str(dtype), vae.cfg.to_json(),
+                                   model.clip.cfg.vision.image_size]).encode())
     for k, v in vae.state_dict().items():  # the VAE's weights, bit for bit
         h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
@@ -96,14 +99,14 @@ class CachedSet(Dataset):
 
 def cached_training_set(model, train_set, data, res, run, micro, d, say, workers):
     """--cache-latents: the training set read from its cache in latent-cache/ beside the run folder, shared by the
-    runs there. Without one for this data, resolution, VAE and precision, it is made first: each DDP rank (`d`)
+    runs there. Without one for this data, resolution, VAE, CLIP input and precision, it is made first: each DDP rank (`d`)
     encodes its share of the rows into one file, renamed into place when complete."""
     # autocast's precision (runs.autocast): the VAE's last layer and CLIP's first compute in it, so nothing is lost
     dtype = torch.bfloat16 if d.cuda else torch.float32
     folder, name, n = run.parent / "latent-cache", Path(data).name, len(train_set)
-    path, captions = cache_file(folder, name, train_set, res, model.vae, dtype), train_set.captions
+    path, captions = cache_file(folder, name, train_set, res, model, dtype), train_set.captions
     if path.is_file():
-        say(f"latent cache: {path} ({n} images; made for this data, resolution, VAE and precision)")
+        say(f"latent cache: {path} ({n} images; made for this data, resolution, VAE, CLIP input and precision)")
         return CachedSet(path, captions)
     (W, H), c, r = parse_res(res), model.vae.cfg.latent_channels, model.clip.cfg.vision.image_size
     latent = (n, c, H // model.down, W // model.down)
@@ -111,7 +114,8 @@ def cached_training_set(model, train_set, data, res, run, micro, d, say, workers
     others = [p.name for p in folder.glob(f"{name}-*.safetensors")]
     say(f"latent cache: encoding the {n} training images once into {path} "
         f"({sum(map(math.prod, shapes.values())) * dtype.itemsize / 1e6:,.1f} MB)"
-        + (f"; not reusing {', '.join(others)}: made for other data, resolution, VAE or precision" if others else ""))
+        + (f"; not reusing {', '.join(others)}: made for other data, resolution, VAE, CLIP input or precision"
+           if others else ""))
     tmp = folder / f".{path.name}.{run.name}.tmp"
     if d.master:
         folder.mkdir(parents=True, exist_ok=True)

@@ -601,18 +601,18 @@ def test_cached_latents_resume_equals_straight_run(tmp_path, monkeypatch, capsys
     assert train.main(["--resume", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert out.count("latent cache: encoding the 12 training images once") == 1
-    assert out.count("(12 images; made for this data, resolution, VAE and precision)") == 2
+    assert out.count("(12 images; made for this data, resolution, VAE, CLIP input and precision)") == 2
     a, b = weights(tmp_path / "a" / "step_000004"), weights(tmp_path / "b" / "step_000004")
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_latent_cache_is_keyed_by_data_resolution_vae_and_precision(tmp_path, capsys):
     from latent_cache import cache_file
-    from vae import PRESETS, VAE
     folder = world_folder(tmp_path / "set")
-    vae = VAE(PRESETS["tiny"])
+    model = UniDiff.tiny()
+    vae = model.vae
     key = lambda res=16, dtype=torch.float32: cache_file(tmp_path, "set", train.open_dataset(str(folder), "train", res),
-                                                         res, vae, dtype)
+                                                         res, model, dtype)
     first = key()
     assert key() == first and first.name.startswith("set-16-")
     assert key(res=24) != first and key(dtype=torch.bfloat16) != first
@@ -632,7 +632,22 @@ def test_latent_cache_is_keyed_by_data_resolution_vae_and_precision(tmp_path, ca
     out = capsys.readouterr().out
     old, new = sorted((tmp_path / "latent-cache").glob("set-16-*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
     assert f"latent cache: encoding the 12 training images once into {new} (0.2 MB); not reusing {old.name}: " \
-           "made for other data, resolution, VAE or precision" in out
+           "made for other data, resolution, VAE, CLIP input or precision" in out
+
+
+def test_latent_cache_is_keyed_by_clip_input_size(tmp_path):
+    """The cache holds CLIP's view of each image: a model with the same VAE but CLIP at 48 px read the 32 px
+    model's cache, and its first step died of a shape error."""
+    from dataclasses import replace
+    from clip import CLIP
+    m = UniDiff.tiny(v_prediction=True)
+    m.save(tmp_path / "clip32")
+    c = m.clip.cfg
+    UniDiff(CLIP(replace(c, vision=replace(c.vision, image_size=48))), m.unet, m.vae, True).save(tmp_path / "clip48")
+    flags = cache_flags(world_folder(tmp_path / "set")) + ["--steps", "1", "--cache-latents"]
+    for size in (32, 48):
+        assert train.main(flags + ["--weights", str(tmp_path / f"clip{size}"), "--out", str(tmp_path / f"r{size}")]) == 0
+    assert len(list((tmp_path / "latent-cache").glob("set-16-*.safetensors"))) == 2
 
 
 def test_latent_cache_refuses_an_image_that_fails_to_load(tmp_path, monkeypatch, capsys):
