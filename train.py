@@ -45,10 +45,10 @@ from unidiff import UniDiff
 from vae import fit_vae
 from weights import WeightsError
 
-LOG_EVERY = 10  # steps between progress lines (and NaN checks: the only host syncs)
-# Non-finite gradients in a row that stop the run: one odd batch is skipped and forgotten, but a whole
-# progress line of them means every batch now diverges (learning rate too high): skipping only burns time.
-MAX_SKIPS = LOG_EVERY
+LOG_EVERY = 10  # steps between progress lines (and the loss's NaN check: reading the losses is a host sync)
+# Non-finite gradients in a row that stop the run: one odd batch is skipped and forgotten, but ten in a row
+# mean every batch now diverges (learning rate too high): skipping only burns time.
+MAX_SKIPS = 10
 
 
 def main(argv=None):
@@ -100,14 +100,18 @@ def train(cfg):
                     for a in range(cfg.grad_accum)]
             losses = forward_backward(net, model, batches, gens, losses_kw, d)
             skipped = optimizer_step(opt, params, ema, step, cfg.max_grad_norm, cfg.ema)
-            progress.add(losses, skipped)
             step, seen = step + 1, seen + cfg.batch_size
+            if progress.add(losses, skipped) >= MAX_SKIPS:  # the skipped steps left the weights as they were
+                save(model, named, opt, ema, step, seen, run, cfg, d)
+                raise RunError(f"the gradient was not finite at each of the last {MAX_SKIPS} steps (up to step {step});"
+                               f" they were skipped, so the weights are intact: saved in {run / f'step_{step:06d}'} "
+                               f"(--resume {run}). Try lower learning rates (--lr-unet/--lr-clip) or --max-grad-norm.")
             stopping = stop.agreed()
             at_eval = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or step == cfg.steps)
             at_save = step == cfg.steps or bool(cfg.save_every) and step % cfg.save_every == 0
             if step % LOG_EVERY and not (at_eval or at_save or stopping):
                 continue
-            say(progress.sync(step, factor, run, d))  # raises if the loss or the gradients went bad
+            say(progress.sync(step, factor, run, d))  # raises if the loss went bad
             if stopping:
                 save(model, named, opt, ema, step, seen, run, cfg, d)
                 say(f"stopped at step {step}: continue with  {resume_command(d)} --resume {run}")
@@ -416,41 +420,38 @@ def optimizer_step(opt, params, ema, step, max_grad_norm, ema_decay):
 
 
 class Progress:
-    """The losses and skipped steps since the last progress line, summed on the device: reading them is a host
-    sync, done only at a line (every LOG_EVERY steps, and before validating, saving or stopping)."""
+    """The losses since the last progress line, summed on the device: reading them is a host sync, done only at a
+    line (every LOG_EVERY steps, and before validating, saving or stopping). Whether a step was skipped is read
+    every step (one flag, the same on every rank): the run stops at the MAX_SKIPS-th in a row, not a line later."""
 
     def __init__(self, device, steps, batch_size):
         self.steps, self.batch_size = steps, batch_size
         self.sums = torch.zeros(4, device=device)  # itc, is, rsc, total summed over the steps since the last line
-        self.skips = torch.zeros(2, device=device)  # steps skipped since the last line, and in a row until now
+        self.skipped, self.in_a_row = 0, 0  # steps skipped since the last line, and in a row until now
         self.n, self.t_line, self.t_run, self.steps_run = 0, time.time(), 0.0, 0
 
     def add(self, losses, skipped):
+        """Count a step in; returns how many steps in a row have been skipped until now."""
+        skipped = int(skipped)
         self.sums += losses
-        self.skips[0] += skipped
-        self.skips[1] = (self.skips[1] + 1) * skipped
+        self.skipped += skipped
+        self.in_a_row = (self.in_a_row + 1) * skipped
         self.n += 1
+        return self.in_a_row
 
     def sync(self, step, factor, run, d):
-        """The progress line up to `step`, the mean over ranks; stops the run when the loss is not finite or
-        the last MAX_SKIPS steps were all skipped."""
-        flags = torch.cat([self.sums, self.skips])
+        """The progress line up to `step`, the mean over ranks; stops the run when the loss is not finite."""
         if d.ddp:
-            dist.all_reduce(flags)
-        flags = (flags / d.world).tolist()
-        n = self.n
-        mean, skipped, in_a_row = [x / n for x in flags[:4]], round(flags[4]), round(flags[5])
+            dist.all_reduce(self.sums)
+        n, skipped = self.n, self.skipped
+        mean = [x / n / d.world for x in self.sums.tolist()]
         elapsed = time.time() - self.t_line
         self.t_run, self.steps_run = self.t_run + elapsed, self.steps_run + n
         if not all(map(math.isfinite, mean)):
             raise stopped(run, f"the loss is not finite between steps {step - n + 1} and {step} "
                                f"(itc {mean[0]:.4g}, is {mean[1]:.4g}, rsc {mean[2]:.4g})")
-        if in_a_row >= MAX_SKIPS:
-            raise stopped(run, f"the gradient was not finite at each of the last {in_a_row} steps (up to step "
-                               f"{step}; skipped, so the weights are intact)")
         self.sums.zero_()
-        self.skips[0] = 0
-        self.n = 0
+        self.skipped = self.n = 0
         return (f"step {step}/{self.steps} | loss {mean[3]:.4f} (itc {mean[0]:.4f} is {mean[1]:.4f} rsc {mean[2]:.4f}) | "
                 f"lr ×{factor:.3f} | {n * self.batch_size / elapsed:.1f} img/s | "
                 f"ETA {fmt_time((self.steps - step) * self.t_run / self.steps_run)}"
