@@ -82,6 +82,22 @@ class StopSignal:
         return signum
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside StopSignal (setup: the tiny VAE's fit, the latent cache): it unwinds as Ctrl-C does, so
+    temp files go and train.main ends in one line."""
+
+
+def terminated(signum, frame):
+    raise Terminated
+
+
+def ignore_signals(worker_id):
+    """DataLoader workers share the terminal's (or torchrun's) process group: Ctrl-C and SIGTERM reach
+    them too, and a dead worker would stop the run before it saves. The main process handles both."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 # ------------------------------------------------------------------------------ reading
 
 def checkpoints(run):

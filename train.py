@@ -38,9 +38,9 @@ from download import pretrained
 from eval import SAMPLE, embed, retrieval
 from latent_cache import cached_training_set
 from lora import attention_lora
-from runs import (RunError, StopSignal, autocast, check_size, checkpoints, fmt_time, latest_checkpoint,
-                  load_checkpoint, load_lora, load_row, read_state, save_checkpoint, save_grid, save_start, swap_in,
-                  to_uint8)
+from runs import (RunError, StopSignal, Terminated, autocast, check_size, checkpoints, fmt_time, ignore_signals,
+                  latest_checkpoint, load_checkpoint, load_lora, load_row, read_state, save_checkpoint, save_grid,
+                  save_start, swap_in, terminated, to_uint8)
 from unidiff import UniDiff
 from vae import fit_vae
 from weights import WeightsError
@@ -52,12 +52,21 @@ MAX_SKIPS = 10
 
 
 def main(argv=None):
+    cfg, term = None, signal.signal(signal.SIGTERM, terminated)  # until StopSignal: SIGTERM unwinds as Ctrl-C does
     try:
-        return train(parse_args(argv))
+        cfg = parse_args(argv)
+        return train(cfg)
     except (DataError, WeightsError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # in setup, or a second Ctrl-C in the loop: what is left to resume, not a traceback
+        last = checkpoints(cfg.out) if cfg else []
+        say(f"{'SIGTERM' if isinstance(e, Terminated) else 'SIGINT'}: stopped; "
+            + (f"the last checkpoint is {last[-1]}: continue with --resume {cfg.out}" if last else
+               "no checkpoint was saved: nothing to resume"))
+        return 143 if isinstance(e, Terminated) else 130
     finally:
+        signal.signal(signal.SIGTERM, term)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -329,13 +338,6 @@ def make_loader(train_set, micro, start, seed, workers, d):
     return DataLoader(train_set, batch_sampler=Batches(len(train_set), micro, d.world, d.rank, seed, start),
                       num_workers=workers, pin_memory=d.cuda, persistent_workers=workers > 0,
                       worker_init_fn=ignore_signals)
-
-
-def ignore_signals(worker_id):
-    """DataLoader workers share the terminal's (or torchrun's) process group: Ctrl-C and SIGTERM reach
-    them too, and a dead worker would stop the run before it saves. The main process handles both."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------ data order

@@ -668,21 +668,59 @@ def test_latent_cache_refuses_an_image_that_fails_to_load(tmp_path, monkeypatch,
     assert list((tmp_path / "latent-cache").iterdir()) == []
 
 
-def test_interrupted_caching_leaves_no_partial_cache_file(tmp_path, monkeypatch):
-    """Ctrl-C while the latent cache is written (before the training loop's own handler) removes the file being
-    written, as large as a whole cache: nothing is left behind in latent-cache/."""
+# argv = SIGNAL train-flags...: the signal comes while the latent cache's second batch is written
+SIGNAL_WHILE_CACHING = """
+import os, signal, sys, latent_cache, train
+real, n = latent_cache.write_rows, [0]
+def write_rows(*a):
+    n[0] += 1
+    if n[0] == 2:
+        os.kill(os.getpid(), signal.Signals[sys.argv[1]])
+    return real(*a)
+latent_cache.write_rows = write_rows
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_while_caching_leaves_no_temp_file_and_one_line(tmp_path, sig, code):
+    """Ctrl-C or SIGTERM (before the training loop's own handler) while the latent cache is written: the temp file,
+    as large as a whole cache, is removed (SIGTERM left it; Ctrl-C printed a traceback), and one line says so."""
+    flags = cache_flags(world_folder(tmp_path / "set")) + ["--steps", "1", "--cache-latents", "--out", str(tmp_path / "a")]
+    p = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_CACHING, sig, *flags], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == code, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and f"{sig}: stopped; no checkpoint was saved: nothing to resume" in p.stdout
+    assert list((tmp_path / "latent-cache").iterdir()) == []
+
+
+def test_full_disk_while_caching_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    """The cache written to a full disk (/dev/full: every write fails with ENOSPC, as a full disk's do) ended in a
+    traceback; now one line, and no temp file left."""
+    import builtins
     import latent_cache
-    real, calls = latent_cache.write_rows, []
-    def write_rows(*a):  # the second batch is interrupted
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a)
-    monkeypatch.setattr(latent_cache, "write_rows", write_rows)
+    monkeypatch.setattr(latent_cache, "open", lambda path, mode: builtins.open("/dev/full" if mode == "r+b" else path,
+                                                                                  mode), raising=False)
     flags = cache_flags(world_folder(tmp_path / "set")) + ["--steps", "1", "--cache-latents"]
-    with pytest.raises(KeyboardInterrupt):
-        train.main(flags + ["--out", str(tmp_path / "a")])
-    assert len(calls) == 2 and list((tmp_path / "latent-cache").iterdir()) == []
+    assert train.main(flags + ["--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "error: could not write the latent cache" in err and "(No space left on device); nothing was kept" in err
+    assert len(err.strip().splitlines()) == 1 and list((tmp_path / "latent-cache").iterdir()) == []
+
+
+@pytest.mark.parametrize("phase", ["fit_vae", "cached_training_set", "validate"])
+def test_ctrl_c_during_setup_ends_in_one_line(tmp_path, monkeypatch, capsys, phase):
+    """Ctrl-C while the tiny VAE is fitted, the latent cache made or the first validation run printed a traceback."""
+    def ctrl_c(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, phase, ctrl_c)
+    try:
+        code = train.main(TINY + ["--steps", "1", "--cache-latents", "--train-size", "8", "--eval-every", "1",
+                                  "--out", str(tmp_path / "r")])
+    except KeyboardInterrupt:  # it escaped main: a traceback
+        code = "KeyboardInterrupt"
+    out, err = capsys.readouterr()
+    assert code == 130 and err == "" and out.splitlines()[-1] == "SIGINT: stopped; no checkpoint was saved: nothing to resume"
 
 
 def test_resume_with_another_batch_size_reads_on_from_the_samples_seen(tmp_path, monkeypatch):
