@@ -79,6 +79,7 @@ def train(cfg):
     train_set, test_set, ood_set = open_data(cfg.data, cfg.res, cfg.train_size, cfg.eval_every, cfg.ood_data, d)
     ckpt = resume_from(cfg.resume, run)
     model = start_model(cfg, ckpt, run, train_set, d)
+    parts = present(model, parts)
     if cfg.lora:
         add_adapters(model, parts, cfg.lora, cfg.lora_alpha, cfg.seed, ckpt)
     prepare_model(model, parts, cfg.lora, cfg.grad_ckpt, d)
@@ -240,9 +241,22 @@ def start_model(cfg, ckpt, run, train_set, d):
     check_size(model, *parse_res(cfg.res))
     if model.clip.vision_model is None and (cfg.lambda_itc or cfg.lambda_rsc):
         raise RunError("ITC and RSC need a CLIP with a vision tower; this model has a text encoder only")
+    if model.clip.vision_model is None and cfg.cache_latents:
+        raise RunError("--cache-latents stores CLIP's view of each image, and this model has no vision tower: "
+                       "train without --cache-latents")
     if ckpt is None and d.master:
         save_start(run, model, start, cfg)
     return model
+
+
+def present(model, parts):
+    """The `parts` the model has: an SD single file has no vision tower, so --train's vision is left out, said."""
+    if model.clip.vision_model is not None or "vision" not in parts:
+        return parts
+    if parts == ["vision"]:
+        raise RunError("--train vision: this model has no vision tower (a text encoder only): nothing would train")
+    say("this model has no vision tower (a text encoder only): --train's vision is left out")
+    return [p for p in parts if p != "vision"]
 
 
 def build_model(name, weights, seed, res, vae_steps, train_set, d):
@@ -292,13 +306,14 @@ def prepare_model(model, parts, lora, grad_ckpt, d):
     if lora:
         model.lora.requires_grad_(True)
         return
-    towers = {"unet": [model.unet], "text": [model.clip.text_model, model.clip.text_projection],
-              "vision": [model.clip.vision_model, model.clip.visual_projection]}
+    # the logit scale trains with either tower; an SD single file's text encoder has no projection and no scale
+    clip = model.clip
+    towers = {"unet": [model.unet], "text": [clip.text_model, clip.text_projection, clip.logit_scale],
+              "vision": [clip.vision_model, clip.visual_projection, clip.logit_scale]}
     for part in parts:
         for m in towers[part]:
-            m.requires_grad_(True)
-    if {"text", "vision"} & set(parts):
-        model.clip.logit_scale.requires_grad_(True)
+            if m is not None:
+                m.requires_grad_(True)
 
 
 def make_optimizer(model, lr_unet, lr_clip):
@@ -476,10 +491,11 @@ def validate(model, params, ema, test_set, ood_set, step, run, res, d):
         model.eval()
         with swap_in(params, ema), autocast(d.device):
             picks = distinct(test_set.captions, SAMPLE["n"])
-            say(f"step {step} | validation: embedding {len(test_set)} test pairs, then sampling "
-                f"{len(picks)} test captions ({SAMPLE['steps']} DDIM steps)")
+            vision = model.clip.vision_model is not None  # retrieval embeds images: a text encoder alone only samples
+            say(f"step {step} | validation: " + (f"embedding {len(test_set)} test pairs, then " if vision else "")
+                + f"sampling {len(picks)} test captions ({SAMPLE['steps']} DDIM steps)")
             for name, ds in (("test", test_set), ("out of domain test", ood_set)):
-                if ds is not None:
+                if ds is not None and vision:
                     r = retrieval(*embed(model, ds), ds.captions)
                     say(f"step {step} | {name} retrieval, {len(ds)} pairs{' (EMA)' if ema else ''}: "
                         f"I→T R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} | "

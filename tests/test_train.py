@@ -723,6 +723,21 @@ def test_ctrl_c_during_setup_ends_in_one_line(tmp_path, monkeypatch, capsys, pha
     assert code == 130 and err == "" and out.splitlines()[-1] == "SIGINT: stopped; no checkpoint was saved: nothing to resume"
 
 
+def test_plain_sd_fine_tuning_of_a_model_without_a_vision_tower(tmp_path, capsys):
+    """--lambda-itc 0 --lambda-rsc 0 on an SD single file (a text encoder, no vision tower) died of an AttributeError
+    in prepare_model: the UNet and text tower train, validation samples, and one line says vision is left out."""
+    UniDiff.tiny(v_prediction=True).save(tmp_path / "m", single_file=True)
+    flags = TINY + ["--weights", str(tmp_path / "m" / "model_single_file.safetensors"), "--lambda-itc", "0",
+                    "--lambda-rsc", "0", "--steps", "1", "--eval-every", "1"]
+    assert train.main(flags + ["--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "this model has no vision tower (a text encoder only): --train's vision is left out" in out
+    assert "training unet, text (" in out and (tmp_path / "r" / "samples" / "step_000001.png").is_file()
+    assert train.main(flags + ["--train", "vision", "--out", str(tmp_path / "v")]) == 2
+    assert capsys.readouterr().err == ("error: --train vision: this model has no vision tower (a text encoder only): "
+                                       "nothing would train\n")
+
+
 def test_resume_with_another_batch_size_reads_on_from_the_samples_seen(tmp_path, monkeypatch):
     """Resuming at batch 8 after 2 steps at batch 4 reads on from sample 8 (not step × 8 = 16, which skipped 8–15)
     and counts the samples really seen."""
