@@ -262,6 +262,8 @@ def present(model, parts):
 def build_model(name, weights, seed, res, vae_steps, train_set, d):
     """(model, where it came from): the tiny model from `weights` (the demo: the shipped pretrained one) or random
     with its VAE fitted first, or SD 1.5 + CLIP-L."""
+    if weights and checkpoints(weights):  # a run folder of ours: its newest checkpoint (a diffusers pipeline folder)
+        weights = checkpoints(weights)[-1]
     if name == "tiny" and weights:
         return UniDiff.from_pretrained(weights), {"model": "tiny", "weights": str(weights), "init": "init"}
     if name == "tiny":

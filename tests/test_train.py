@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -736,6 +737,26 @@ def test_plain_sd_fine_tuning_of_a_model_without_a_vision_tower(tmp_path, capsys
     assert train.main(flags + ["--train", "vision", "--out", str(tmp_path / "v")]) == 2
     assert capsys.readouterr().err == ("error: --train vision: this model has no vision tower (a text encoder only): "
                                        "nothing would train\n")
+
+
+def test_weights_given_a_pipeline_or_run_folder_read_as_such_never_downloading(tmp_path, monkeypatch):
+    """--weights DIR looked for stable-diffusion-v1-5/ inside a diffusers pipeline folder, and would have downloaded
+    SD 1.5 into it. A pipeline folder is read as it is (CLIP-L from the weights folder), a run folder of ours as its
+    newest checkpoint (with its own clip/)."""
+    import download
+    monkeypatch.setattr(download, "download", lambda url, dest: pytest.fail(f"downloaded {url}"))
+    monkeypatch.setenv("UNIDIFF_WEIGHTS", str(tmp_path / "w"))
+    m = UniDiff.tiny(v_prediction=True)
+    m.save(tmp_path / "pipe")
+    shutil.rmtree(tmp_path / "pipe" / "clip")  # a plain diffusers folder: SD's text encoder only
+    m.clip.save(tmp_path / "w" / "clip-vit-large-patch14")
+    flags = ["--data", "world", "--model", "sd15", *TINY[4:-2], "--steps", "1"]
+    for weights, run in (("pipe", "a"), ("a", "b")):
+        assert train.main(flags + ["--weights", str(tmp_path / weights), "--out", str(tmp_path / run)]) == 0
+    starts = [json.loads((tmp_path / run / "run.json").read_text())["start"] for run in "ab"]
+    assert (starts[0]["sd"], starts[0]["clip"]) == (str(tmp_path / "pipe"), str(tmp_path / "w" / "clip-vit-large-patch14"))
+    assert (starts[1]["sd"], starts[1]["clip"]) == (str(tmp_path / "a" / "step_000001"),
+                                                    str(tmp_path / "a" / "step_000001" / "clip"))
 
 
 def test_resume_with_another_batch_size_reads_on_from_the_samples_seen(tmp_path, monkeypatch):
