@@ -71,6 +71,11 @@ def test_lora_resume_equals_straight_run_and_checkpoint_holds_the_merge(tmp_path
     flags = TINY + ["--steps", "4", "--save-every", "4", "--ema", "0.9", "--grad-accum", "2", "--lora", "2",
                     "--lora-alpha", "4"]
     straight_and_interrupted(flags, tmp_path, monkeypatch)
+    # a loader globbing *lora*.safetensors took the base weights (then lora_base.safetensors) for an adapter
+    assert sorted(p.name for p in (tmp_path / "a" / "step_000004").glob("*lora*.safetensors")) == [
+        "lora.safetensors", "lora_vision.safetensors"]
+    old = tmp_path / "b" / "step_000002"  # a checkpoint written before the rename resumes as well
+    (old / "base_weights.safetensors").rename(old / "lora_base.safetensors")
     assert train.main(["--resume", str(tmp_path / "b"), "--lora", "4"]) == 2  # another rank: refused
     assert "was trained with --lora 2 --lora-alpha 4: resume it without giving --lora" in capsys.readouterr().err
     assert train.main(["--resume", str(tmp_path / "b")]) == 0
@@ -79,7 +84,7 @@ def test_lora_resume_equals_straight_run_and_checkpoint_holds_the_merge(tmp_path
     a, b = weights(ckpt), weights(tmp_path / "b" / "step_000004")
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []  # bit-equal
     # AdamW and the EMA held the adapters alone; the model folders hold base + (α/r) B A of the EMA adapters
-    assert {k.split("/")[0] for k in a} >= {"lora.safetensors", "lora_vision.safetensors", "lora_base.safetensors"}
+    assert {k.split("/")[0] for k in a} >= {"lora.safetensors", "lora_vision.safetensors", "base_weights.safetensors"}
     assert all(k.startswith("optimizer.safetensors/lora.lora_") for k in a if k.startswith("optimizer"))
     assert all(k.startswith("live.safetensors/lora.lora_") for k in a if k.startswith("live"))
     init, live = weights(tmp_path / "a" / "init"), read_safetensors(ckpt / "live.safetensors")
@@ -94,7 +99,7 @@ def test_lora_resume_equals_straight_run_and_checkpoint_holds_the_merge(tmp_path
     live_model, _, _ = runs.load_model(ckpt, "live")
     live_sd = live_model.state_dict()
     for name, p in path.items():
-        assert torch.equal(a[f"lora_base.safetensors/{name}"], start_sd[f"{p}.weight"])
+        assert torch.equal(a[f"base_weights.safetensors/{name}"], start_sd[f"{p}.weight"])
         file = "lora_vision" if name.startswith("lora_clip_") else "lora"
         for sd, got in ((a, folder[f"{p}.weight"]), (live, live_sd[f"{p}.weight"])):  # EMA in the folders; live
             k = f"{file}.safetensors/" if sd is a else "lora."
