@@ -27,6 +27,7 @@ WEIGHT_FILES = {
                 "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"],
     CLIP_REPO: ["config.json", "model.safetensors"],
 }
+PIPELINE = ("model_index.json", "unet", "vae", "text_encoder")  # what a diffusers pipeline folder holds, at least
 
 
 def weights_dir(path=None):
@@ -76,7 +77,7 @@ def pretrained(path=None, base_url=None):
         if file.suffix in PICKLE_SUFFIXES:
             refuse_pickle(file)
         return file, ensure_weights(None, base_url, clip_only)[CLIP_REPO]
-    if path is not None and all((Path(path) / f).exists() for f in ("model_index.json", "unet", "vae", "text_encoder")):
+    if path is not None and all((Path(path) / f).exists() for f in PIPELINE):
         clip = Path(path) / "clip"  # not SD 1.5's folder inside it: this is the pipeline
         return Path(path), clip if clip.is_dir() else ensure_weights(None, base_url, clip_only)[CLIP_REPO]
     root = weights_dir(path)

@@ -4,8 +4,8 @@ Row i holds image i as UniDiff.encode makes it (unidiff.Encoded): the frozen VAE
 log-variance, and CLIP's view of the image, in the precision the step computes them in. A step on the cache
 is then the step on the pixels without the VAE encoder: z0 is still drawn from the posterior, with the same
 draws. One safetensors file per (data, resolution, VAE, CLIP's input size, precision), named by a hash of the
-five: a run that changes any of them gets a new file, never a stale one. The rows are written in place, so no tensor
-is ever whole in memory and each DDP rank writes its own share; they are read from a memory map.
+five: a run that changes any of them gets a new file, never a stale one. The rows are written in place, so no
+tensor is ever whole in memory and each DDP rank writes its own share; they are read from a memory map.
 """
 import hashlib
 import json
@@ -31,10 +31,9 @@ DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}  # safetensors' names
 def cache_file(folder, name, dataset, res, model, dtype):
     """The cache file of `dataset` (called `name`) at resolution `res`, encoded by `model` (UniDiff.encode: its VAE
     and CLIP's input size) in `dtype`."""
-    vae = model.vae
-    h = hashlib.sha256(json.dumps([data_key(dataset), res, str(dtype), vae.cfg.to_json(),
+    h = hashlib.sha256(json.dumps([data_key(dataset), res, str(dtype), model.vae.cfg.to_json(),
                                    model.clip.cfg.vision.image_size]).encode())
-    for k, v in vae.state_dict().items():  # the VAE's weights, bit for bit
+    for k, v in model.vae.state_dict().items():  # the VAE's weights, bit for bit
         h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return folder / f"{name}-{res}-{h.hexdigest()[:16]}.safetensors"
