@@ -26,8 +26,9 @@ class Config:
                     "groups (see data.py)")
     model: str = opt("sd15", "sd15: SD 1.5 + CLIP ViT-L/14; tiny: CPU-sized, with its own defaults\n({default}; "
                      "--data demo implies tiny)", choices=["sd15", "tiny"])
-    weights: str = opt(None, "sd15: folder of the pretrained weights, or an SD 1.x single-file .safetensors "
-                       "(default:\n$UNIDIFF_WEIGHTS, else weights/); tiny: a saved UniDiff folder to start from "
+    weights: str = opt(None, "sd15: folder of the pretrained weights, a diffusers pipeline folder, a run folder (its "
+                       "newest\ncheckpoint), or an SD 1.x single-file .safetensors (default: $UNIDIFF_WEIGHTS, else "
+                       "weights/);\ntiny: a saved UniDiff folder to start from "
                        "(default: random weights,\nthe VAE fitted first; demo: this repo's assets/unidiff-tiny, the "
                        "shipped pretrained tiny model)")
     steps: int = opt(2000, "optimizer steps in all ({default})")

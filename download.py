@@ -27,6 +27,7 @@ WEIGHT_FILES = {
                 "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"],
     CLIP_REPO: ["config.json", "model.safetensors"],
 }
+PIPELINE = ("model_index.json", "unet", "vae", "text_encoder")  # what a diffusers pipeline folder holds, at least
 
 
 def weights_dir(path=None):
@@ -61,11 +62,12 @@ def ensure_weights(path=None, base_url=None, files=WEIGHT_FILES):
 def pretrained(path=None, base_url=None):
     """(SD 1.5, CLIP ViT-L/14) for UniDiff.from_pretrained; what is missing is downloaded (ensure_weights).
 
-    `path` (--weights) is a folder, or an SD 1.x single-file .safetensors (`v1-5-pruned-emaonly.safetensors`,
-    as ComfyUI / A1111 keep it). In a folder the diffusers SD 1.5 files serve when all there, else one single
-    file lying in it. A single file has no vision tower: CLIP ViT-L/14 still comes from its own folder, in the
-    weights folder (for --weights FILE: $UNIDIFF_WEIGHTS, else weights/; never beside the file, which may be
-    another application's models folder).
+    `path` (--weights) is a weights folder, a diffusers pipeline folder (model_index.json: read as it is, with its
+    own clip/ if it has one, as our checkpoints do), or an SD 1.x single-file .safetensors
+    (`v1-5-pruned-emaonly.safetensors`, as ComfyUI / A1111 keep it). In a weights folder the diffusers SD 1.5 files
+    serve when all there, else one single file lying in it. A single file has no vision tower: CLIP ViT-L/14 still
+    comes from its own folder, in the weights folder (for --weights FILE or a pipeline folder: $UNIDIFF_WEIGHTS,
+    else weights/; never beside it, which may be another application's models folder).
     """
     clip_only = {CLIP_REPO: WEIGHT_FILES[CLIP_REPO]}
     if path is not None and Path(path).suffix in (".safetensors", *PICKLE_SUFFIXES):
@@ -75,6 +77,9 @@ def pretrained(path=None, base_url=None):
         if file.suffix in PICKLE_SUFFIXES:
             refuse_pickle(file)
         return file, ensure_weights(None, base_url, clip_only)[CLIP_REPO]
+    if path is not None and all((Path(path) / f).exists() for f in PIPELINE):
+        clip = Path(path) / "clip"  # not SD 1.5's folder inside it: this is the pipeline
+        return Path(path), clip if clip.is_dir() else ensure_weights(None, base_url, clip_only)[CLIP_REPO]
     root = weights_dir(path)
     sd_folder = root / SD15_REPO.split("/")[-1]
     if root.is_dir() and not all(_present(sd_folder / f) for f in WEIGHT_FILES[SD15_REPO]):

@@ -3,9 +3,9 @@
 Row i holds image i as UniDiff.encode makes it (unidiff.Encoded): the frozen VAE's posterior, mean and
 log-variance, and CLIP's view of the image, in the precision the step computes them in. A step on the cache
 is then the step on the pixels without the VAE encoder: z0 is still drawn from the posterior, with the same
-draws. One safetensors file per (data, resolution, VAE weights, precision), named by a hash of the four: a
-run that changes any of them gets a new file, never a stale one. The rows are written in place, so no tensor
-is ever whole in memory and each DDP rank writes its own share; they are read from a memory map.
+draws. One safetensors file per (data, resolution, VAE, CLIP's input size, precision), named by a hash of the
+five: a run that changes any of them gets a new file, never a stale one. The rows are written in place, so no
+tensor is ever whole in memory and each DDP rank writes its own share; they are read from a memory map.
 """
 import hashlib
 import json
@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from data import DataError, FolderDataset, parse_res
-from runs import autocast, fmt_time
+from runs import RunError, autocast, fmt_time, ignore_signals
 from unidiff import Encoded
 
 PROGRESS_EVERY = 5  # seconds between progress lines while encoding
@@ -28,10 +28,12 @@ PROGRESS_EVERY = 5  # seconds between progress lines while encoding
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}  # safetensors' names
 
 
-def cache_file(folder, name, dataset, res, vae, dtype):
-    """The cache file of `dataset` (called `name`) at resolution `res`, encoded by `vae` in `dtype`."""
-    h = hashlib.sha256(json.dumps([data_key(dataset), res, str(dtype)]).encode())
-    for k, v in vae.state_dict().items():  # the VAE's weights, bit for bit
+def cache_file(folder, name, dataset, res, model, dtype):
+    """The cache file of `dataset` (called `name`) at resolution `res`, encoded by `model` (UniDiff.encode: its VAE
+    and CLIP's input size) in `dtype`."""
+    h = hashlib.sha256(json.dumps([data_key(dataset), res, str(dtype), model.vae.cfg.to_json(),
+                                   model.clip.cfg.vision.image_size]).encode())
+    for k, v in model.vae.state_dict().items():  # the VAE's weights, bit for bit
         h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return folder / f"{name}-{res}-{h.hexdigest()[:16]}.safetensors"
@@ -96,34 +98,38 @@ class CachedSet(Dataset):
 
 def cached_training_set(model, train_set, data, res, run, micro, d, say, workers):
     """--cache-latents: the training set read from its cache in latent-cache/ beside the run folder, shared by the
-    runs there. Without one for this data, resolution, VAE and precision, it is made first: each DDP rank (`d`)
-    encodes its share of the rows into one file, renamed into place when complete."""
+    runs there. Without one for this data, resolution, VAE, CLIP input and precision, it is made first: each DDP
+    rank (`d`) encodes its share of the rows into one file, renamed into place when complete."""
     # autocast's precision (runs.autocast): the VAE's last layer and CLIP's first compute in it, so nothing is lost
     dtype = torch.bfloat16 if d.cuda else torch.float32
     folder, name, n = run.parent / "latent-cache", Path(data).name, len(train_set)
-    path, captions = cache_file(folder, name, train_set, res, model.vae, dtype), train_set.captions
+    path, captions = cache_file(folder, name, train_set, res, model, dtype), train_set.captions
     if path.is_file():
-        say(f"latent cache: {path} ({n} images; made for this data, resolution, VAE and precision)")
+        say(f"latent cache: {path} ({n} images; made for this data, resolution, VAE, CLIP input and precision)")
         return CachedSet(path, captions)
     (W, H), c, r = parse_res(res), model.vae.cfg.latent_channels, model.clip.cfg.vision.image_size
     latent = (n, c, H // model.down, W // model.down)
     shapes = {"mean": latent, "logvar": latent, "clip": (n, 3, r, r)}
     others = [p.name for p in folder.glob(f"{name}-*.safetensors")]
-    say(f"latent cache: encoding the {n} training images once into {path} "
-        f"({sum(map(math.prod, shapes.values())) * dtype.itemsize / 1e6:,.1f} MB)"
-        + (f"; not reusing {', '.join(others)}: made for other data, resolution, VAE or precision" if others else ""))
-    tmp = folder / f".{path.name}.{run.name}.tmp"
-    if d.master:
-        folder.mkdir(parents=True, exist_ok=True)
-        create(tmp, shapes, dtype)
-    d.barrier()
-    t0 = time.time()
-    replaced = encode_share(model, train_set, tmp, shapes, dtype, micro, d, say, workers)
-    if d.master and replaced:
-        tmp.unlink()
-    elif d.master:
-        os.replace(tmp, path)
-    d.barrier()
+    size = f"{sum(map(math.prod, shapes.values())) * dtype.itemsize / 1e6:,.1f} MB"
+    say(f"latent cache: encoding the {n} training images once into {path} ({size})"
+        + (f"; not reusing {', '.join(others)}: made for other data, resolution, VAE, CLIP input or precision"
+           if others else ""))
+    tmp, t0 = folder / f".{path.name}.{run.name}.tmp", time.time()
+    try:
+        if d.master:
+            folder.mkdir(parents=True, exist_ok=True)
+            create(tmp, shapes, dtype)
+        d.barrier()
+        replaced = encode_share(model, train_set, tmp, shapes, dtype, micro, d, say, workers)
+        if d.master and not replaced:
+            os.replace(tmp, path)
+        d.barrier()
+    except OSError as e:  # a full disk: file writes raise OSError (ENOSPC); unreadable images are skipped in data.py
+        raise RunError(f"could not write the latent cache {path} ({e.strerror or e}); nothing was kept: free some "
+                       f"disk space (it needs {size}) and run again") from None
+    finally:  # whatever stopped it (an error, Ctrl-C, SIGTERM): a half-written cache is as large as a whole one
+        tmp.unlink(missing_ok=True)
     if replaced:
         raise DataError(f"{replaced} training image(s) could not be read while caching (named above): remove them "
                         f"from {data} and run again")
@@ -137,23 +143,20 @@ def encode_share(model, train_set, tmp, shapes, dtype, micro, d, say, workers):
     n, captions = len(train_set), train_set.captions
     _, where = layout(shapes, dtype)
     lo, hi = d.rank * n // d.world, (d.rank + 1) * n // d.world  # this rank's rows
-    loader = DataLoader(Subset(train_set, range(lo, hi)), batch_size=micro, num_workers=workers)
+    loader = DataLoader(Subset(train_set, range(lo, hi)), batch_size=micro, num_workers=workers,
+                        worker_init_fn=ignore_signals)
     t0 = t_said = time.time()
     row, replaced = lo, 0
-    try:
-        with open(tmp, "r+b") as f:
-            for pixels, texts in loader:
-                with autocast(d.device):
-                    write_rows(f, where, row, model.encode(pixels.to(d.device)), dtype)
-                replaced += sum(text != captions[i] for i, text in enumerate(texts, row))
-                row += len(texts)
-                if time.time() - t_said >= PROGRESS_EVERY:
-                    t_said = time.time()
-                    say(f"latent cache: {row - lo}/{hi - lo} images encoded{' (rank 0, of its share)' if d.ddp else ''}"
-                        f" ({t_said - t0:.0f}s)")
-    except BaseException:  # Ctrl-C or an error: a half-written cache is as large as a whole one, and useless
-        tmp.unlink(missing_ok=True)
-        raise
+    with open(tmp, "r+b") as f:
+        for pixels, texts in loader:
+            with autocast(d.device):
+                write_rows(f, where, row, model.encode(pixels.to(d.device)), dtype)
+            replaced += sum(text != captions[i] for i, text in enumerate(texts, row))
+            row += len(texts)
+            if time.time() - t_said >= PROGRESS_EVERY:
+                t_said = time.time()
+                say(f"latent cache: {row - lo}/{hi - lo} images encoded{' (rank 0, of its share)' if d.ddp else ''}"
+                    f" ({t_said - t0:.0f}s)")
     replaced = torch.tensor([replaced], device=d.device)
     if d.ddp:  # every rank learns whether any rank met an unreadable image, and that all have finished writing
         dist.all_reduce(replaced)

@@ -10,7 +10,7 @@
             live.safetensors        with --ema only: the model folders hold the EMA, this the trained weights
             lora.safetensors        with --lora: the UNet's and text encoder's adapters (kohya's layout, merged
                                     into the model folders), lora_vision.safetensors the vision tower's, and
-                                    lora_base.safetensors the adapted layers' weights before merging (--resume)
+                                    base_weights.safetensors the adapted layers' weights before merging (--resume)
             optimizer.safetensors   AdamW's moments, by parameter name
             state.json      step, data position, arguments
 
@@ -80,6 +80,22 @@ class StopSignal:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
             signum = int(flag)
         return signum
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside StopSignal (setup: the tiny VAE's fit, the latent cache): it unwinds as Ctrl-C does, so
+    temp files go and train.main ends in one line."""
+
+
+def terminated(signum, frame):
+    raise Terminated
+
+
+def ignore_signals(worker_id):
+    """DataLoader workers share the terminal's (or torchrun's) process group: Ctrl-C and SIGTERM reach
+    them too, and a dead worker would stop the run before it saves. The main process handles both."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------ reading
@@ -214,11 +230,12 @@ def load_checkpoint(ckpt, model, named, opt):
 def save_lora(adapters, base, folder):
     """The adapters in kohya's layout: `lora.safetensors` the UNet's and text encoder's (what A1111, ComfyUI and
     diffusers' load_lora_weights read), `lora_vision.safetensors` the CLIP vision tower's (no SD tool has one);
-    `lora_base.safetensors` the adapted layers' weights {name: W} before merging: --resume goes on from them."""
+    `base_weights.safetensors` the adapted layers' weights {name: W} before merging: --resume goes on from them
+    (no "lora" in its name: it is no adapter, and tools take *lora*.safetensors for one)."""
     sd = adapters.state_dict()
     vision = {k: v for k, v in sd.items() if k.startswith("lora_clip_")}
     for file, tensors in (("lora", {k: v for k, v in sd.items() if k not in vision}), ("lora_vision", vision),
-                          ("lora_base", base)):
+                          ("base_weights", base)):
         if tensors:
             save_safetensors(tensors, folder / f"{file}.safetensors")
 
@@ -230,7 +247,8 @@ def load_lora(ckpt, adapters):
         if (ckpt / f"{file}.safetensors").is_file():
             sd.update(read_safetensors(ckpt / f"{file}.safetensors"))
     load_strict(adapters, sd, ckpt)
-    unmerge(adapters, read_safetensors(ckpt / "lora_base.safetensors"))
+    base = ckpt / "base_weights.safetensors"
+    unmerge(adapters, read_safetensors(base if base.is_file() else ckpt / "lora_base.safetensors"))  # its old name
 
 
 def optimizer_tensors(opt, named):

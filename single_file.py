@@ -5,6 +5,10 @@ One table of (diffusers prefix, original prefix) pairs per model, built from the
 used in both directions: a key is renamed by its longest matching prefix (keys that match none are the
 same in both layouts).
 """
+import json
+
+from safetensors import safe_open
+
 from clip import CLIP
 from unet import UNet
 from vae import VAE
@@ -13,6 +17,9 @@ from weights import WeightsError, read_safetensors
 RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
 VAE_ATTN = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+# The header entry holding the scheduler config (JSON, as diffusers' scheduler_config.json): a single file has no
+# folder beside it, and without it a v-prediction model would load as an ε one
+SCHEDULER_KEY = "scheduler_config"
 
 
 def unet_names(n, L, cross_attn):
@@ -85,9 +92,12 @@ def to_single_file(unet, vae, clip):
 
 
 def load_single_file(path):
-    """An original-layout SD 1.x .safetensors -> (UNet, VAE, CLIP text encoder), configs inferred from the shapes.
+    """An original-layout SD 1.x .safetensors -> (UNet, VAE, CLIP text encoder, scheduler config), configs inferred
+    from the shapes; the scheduler config from the header (UniDiff.save writes it), else {} (SD 1.x: ε).
     EMA copies (model_ema.*) and the schedule buffers are not read."""
     sd = read_safetensors(path)
+    with safe_open(str(path), "pt") as f:
+        sched = json.loads((f.metadata() or {}).get(SCHEDULER_KEY, "{}"))
     if any(k.startswith("cond_stage_model.model.") for k in sd):
         raise WeightsError("this single file has an OpenCLIP text encoder (SD 2.x): convert it to the diffusers "
                            "folder layout (diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained)")
@@ -106,4 +116,4 @@ def load_single_file(path):
     vL = 1 + max(int(k.split(".")[4]) for k in v if k.startswith("encoder.down.0.block."))
     return (UNet.from_state_dict(rename(u, unet_names(n, L, cross), False), source=str(path)),
             VAE.from_state_dict(vae_attn_shape(rename(v, vae_names(vn, vL), False), conv=False), source=str(path)),
-            CLIP.from_state_dict(t, source=str(path)))
+            CLIP.from_state_dict(t, source=str(path)), sched)

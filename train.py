@@ -40,26 +40,35 @@ from eval import SAMPLE, embed, retrieval
 from latent_cache import cached_training_set
 from losses import l2_sp_
 from lora import attention_lora
-from runs import (RunError, StopSignal, autocast, check_size, checkpoints, fmt_time, latest_checkpoint,
-                  load_checkpoint, load_lora, load_row, load_start, read_state, save_checkpoint, save_grid, save_start, swap_in,
-                  to_uint8)
+from runs import (RunError, StopSignal, Terminated, autocast, check_size, checkpoints, fmt_time, ignore_signals,
+                  latest_checkpoint, load_checkpoint, load_lora, load_row, load_start, read_state, save_checkpoint,
+                  save_grid, save_start, swap_in, terminated, to_uint8)
 from unidiff import UniDiff
 from vae import fit_vae
 from weights import WeightsError
 
-LOG_EVERY = 10  # steps between progress lines (and NaN checks: the only host syncs)
-# Non-finite gradients in a row that stop the run: one odd batch is skipped and forgotten, but a whole
-# progress line of them means every batch now diverges (learning rate too high): skipping only burns time.
-MAX_SKIPS = LOG_EVERY
+LOG_EVERY = 10  # steps between progress lines (and the loss's NaN check: reading the losses is a host sync)
+# Non-finite gradients in a row that stop the run: one odd batch is skipped and forgotten, but ten in a row
+# mean every batch now diverges (learning rate too high): skipping only burns time.
+MAX_SKIPS = 10
 
 
 def main(argv=None):
+    cfg, term = None, signal.signal(signal.SIGTERM, terminated)  # until StopSignal: SIGTERM unwinds as Ctrl-C does
     try:
-        return train(parse_args(argv))
+        cfg = parse_args(argv)
+        return train(cfg)
     except (DataError, WeightsError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # in setup, or a second Ctrl-C in the loop: what is left to resume, not a traceback
+        last = checkpoints(cfg.out) if cfg else []
+        say(f"{'SIGTERM' if isinstance(e, Terminated) else 'SIGINT'}: stopped; "
+            + (f"the last checkpoint is {last[-1]}: continue with --resume {cfg.out}" if last else
+               "no checkpoint was saved: nothing to resume"))
+        return 143 if isinstance(e, Terminated) else 130
     finally:
+        signal.signal(signal.SIGTERM, term)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -73,6 +82,7 @@ def train(cfg):
     ckpt = resume_from(cfg.resume, run)
     model = start_model(cfg, ckpt, run, train_set, d)
     start = frozen_start(cfg, ckpt, model, run, d)
+    parts = present(model, parts)
     if cfg.lora:
         add_adapters(model, parts, cfg.lora, cfg.lora_alpha, cfg.seed, ckpt)
     prepare_model(model, parts, cfg.lora, cfg.grad_ckpt, d)
@@ -105,14 +115,18 @@ def train(cfg):
                     for a in range(cfg.grad_accum)]
             losses = forward_backward(net, model, batches, gens, losses_kw, d)
             skipped = optimizer_step(opt, params, ema, step, cfg.max_grad_norm, cfg.ema, start_params, cfg.l2sp)
-            progress.add(losses, skipped)
             step, seen = step + 1, seen + cfg.batch_size
+            if progress.add(losses, skipped) >= MAX_SKIPS:  # the skipped steps left the weights as they were
+                save(model, named, opt, ema, step, seen, run, cfg, d)
+                raise RunError(f"the gradient was not finite at each of the last {MAX_SKIPS} steps (up to step {step});"
+                               f" they were skipped, so the weights are intact: saved in {run / f'step_{step:06d}'} "
+                               f"(--resume {run}). Try lower learning rates (--lr-unet/--lr-clip) or --max-grad-norm.")
             stopping = stop.agreed()
             at_eval = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or step == cfg.steps)
             at_save = step == cfg.steps or bool(cfg.save_every) and step % cfg.save_every == 0
             if step % LOG_EVERY and not (at_eval or at_save or stopping):
                 continue
-            say(progress.sync(step, factor, run, d))  # raises if the loss or the gradients went bad
+            say(progress.sync(step, factor, run, d))  # raises if the loss went bad
             if stopping:
                 save(model, named, opt, ema, step, seen, run, cfg, d)
                 say(f"stopped at step {step}: continue with  {resume_command(d)} --resume {run}")
@@ -245,14 +259,29 @@ def start_model(cfg, ckpt, run, train_set, d):
     check_size(model, *parse_res(cfg.res))
     if model.clip.vision_model is None and (cfg.lambda_itc or cfg.lambda_rsc):
         raise RunError("ITC and RSC need a CLIP with a vision tower; this model has a text encoder only")
+    if model.clip.vision_model is None and cfg.cache_latents:
+        raise RunError("--cache-latents stores CLIP's view of each image, and this model has no vision tower: "
+                       "train without --cache-latents")
     if ckpt is None and d.master:
         save_start(run, model, start, cfg)
     return model
 
 
+def present(model, parts):
+    """The `parts` the model has: an SD single file has no vision tower, so --train's vision is left out, said."""
+    if model.clip.vision_model is not None or "vision" not in parts:
+        return parts
+    if parts == ["vision"]:
+        raise RunError("--train vision: this model has no vision tower (a text encoder only): nothing would train")
+    say("this model has no vision tower (a text encoder only): --train's vision is left out")
+    return [p for p in parts if p != "vision"]
+
+
 def build_model(name, weights, seed, res, vae_steps, train_set, d):
     """(model, where it came from): the tiny model from `weights` (the demo: the shipped pretrained one) or random
     with its VAE fitted first, or SD 1.5 + CLIP-L."""
+    if weights and checkpoints(weights):  # a run folder of ours: its newest checkpoint (a diffusers pipeline folder)
+        weights = checkpoints(weights)[-1]
     if name == "tiny" and weights:
         return UniDiff.from_pretrained(weights), {"model": "tiny", "weights": str(weights), "init": "init"}
     if name == "tiny":
@@ -306,13 +335,14 @@ def prepare_model(model, parts, lora, grad_ckpt, d):
     if lora:
         model.lora.requires_grad_(True)
         return
-    towers = {"unet": [model.unet], "text": [model.clip.text_model, model.clip.text_projection],
-              "vision": [model.clip.vision_model, model.clip.visual_projection]}
+    # the logit scale trains with either tower; an SD single file's text encoder has no projection and no scale
+    clip = model.clip
+    towers = {"unet": [model.unet], "text": [clip.text_model, clip.text_projection, clip.logit_scale],
+              "vision": [clip.vision_model, clip.visual_projection, clip.logit_scale]}
     for part in parts:
         for m in towers[part]:
-            m.requires_grad_(True)
-    if {"text", "vision"} & set(parts):
-        model.clip.logit_scale.requires_grad_(True)
+            if m is not None:
+                m.requires_grad_(True)
 
 
 def make_optimizer(model, lr_unet, lr_clip):
@@ -352,13 +382,6 @@ def make_loader(train_set, micro, start, seed, workers, d):
     return DataLoader(train_set, batch_sampler=Batches(len(train_set), micro, d.world, d.rank, seed, start),
                       num_workers=workers, pin_memory=d.cuda, persistent_workers=workers > 0,
                       worker_init_fn=ignore_signals)
-
-
-def ignore_signals(worker_id):
-    """DataLoader workers share the terminal's (or torchrun's) process group: Ctrl-C and SIGTERM reach
-    them too, and a dead worker would stop the run before it saves. The main process handles both."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------ data order
@@ -445,41 +468,38 @@ def optimizer_step(opt, params, ema, step, max_grad_norm, ema_decay, start_param
 
 
 class Progress:
-    """The losses and skipped steps since the last progress line, summed on the device: reading them is a host
-    sync, done only at a line (every LOG_EVERY steps, and before validating, saving or stopping)."""
+    """The losses since the last progress line, summed on the device: reading them is a host sync, done only at a
+    line (every LOG_EVERY steps, and before validating, saving or stopping). Whether a step was skipped is read
+    every step (one flag, the same on every rank): the run stops at the MAX_SKIPS-th in a row, not a line later."""
 
     def __init__(self, device, steps, batch_size):
         self.steps, self.batch_size = steps, batch_size
         self.sums = torch.zeros(4, device=device)  # itc, is, rsc, total summed over the steps since the last line
-        self.skips = torch.zeros(2, device=device)  # steps skipped since the last line, and in a row until now
+        self.skipped, self.in_a_row = 0, 0  # steps skipped since the last line, and in a row until now
         self.n, self.t_line, self.t_run, self.steps_run = 0, time.time(), 0.0, 0
 
     def add(self, losses, skipped):
+        """Count a step in; returns how many steps in a row have been skipped until now."""
+        skipped = int(skipped)
         self.sums += losses
-        self.skips[0] += skipped
-        self.skips[1] = (self.skips[1] + 1) * skipped
+        self.skipped += skipped
+        self.in_a_row = (self.in_a_row + 1) * skipped
         self.n += 1
+        return self.in_a_row
 
     def sync(self, step, factor, run, d):
-        """The progress line up to `step`, the mean over ranks; stops the run when the loss is not finite or
-        the last MAX_SKIPS steps were all skipped."""
-        flags = torch.cat([self.sums, self.skips])
+        """The progress line up to `step`, the mean over ranks; stops the run when the loss is not finite."""
         if d.ddp:
-            dist.all_reduce(flags)
-        flags = (flags / d.world).tolist()
-        n = self.n
-        mean, skipped, in_a_row = [x / n for x in flags[:4]], round(flags[4]), round(flags[5])
+            dist.all_reduce(self.sums)
+        n, skipped = self.n, self.skipped
+        mean = [x / n / d.world for x in self.sums.tolist()]
         elapsed = time.time() - self.t_line
         self.t_run, self.steps_run = self.t_run + elapsed, self.steps_run + n
         if not all(map(math.isfinite, mean)):
             raise stopped(run, f"the loss is not finite between steps {step - n + 1} and {step} "
                                f"(itc {mean[0]:.4g}, is {mean[1]:.4g}, rsc {mean[2]:.4g})")
-        if in_a_row >= MAX_SKIPS:
-            raise stopped(run, f"the gradient was not finite at each of the last {in_a_row} steps (up to step "
-                               f"{step}; skipped, so the weights are intact)")
         self.sums.zero_()
-        self.skips[0] = 0
-        self.n = 0
+        self.skipped = self.n = 0
         return (f"step {step}/{self.steps} | loss {mean[3]:.4f} (itc {mean[0]:.4f} is {mean[1]:.4f} rsc {mean[2]:.4f}) | "
                 f"lr ×{factor:.3f} | {n * self.batch_size / elapsed:.1f} img/s | "
                 f"ETA {fmt_time((self.steps - step) * self.t_run / self.steps_run)}"
@@ -504,10 +524,11 @@ def validate(model, params, ema, test_set, ood_set, step, run, res, d):
         model.eval()
         with swap_in(params, ema), autocast(d.device):
             picks = distinct(test_set.captions, SAMPLE["n"])
-            say(f"step {step} | validation: embedding {len(test_set)} test pairs, then sampling "
-                f"{len(picks)} test captions ({SAMPLE['steps']} DDIM steps)")
+            vision = model.clip.vision_model is not None  # retrieval embeds images: a text encoder alone only samples
+            say(f"step {step} | validation: " + (f"embedding {len(test_set)} test pairs, then " if vision else "")
+                + f"sampling {len(picks)} test captions ({SAMPLE['steps']} DDIM steps)")
             for name, ds in (("test", test_set), ("out of domain test", ood_set)):
-                if ds is not None:
+                if ds is not None and vision:
                     r = found[name] = retrieval(*embed(model, ds), ds.captions)
                     say(f"step {step} | {name} retrieval, {len(ds)} pairs{' (EMA)' if ema else ''}: "
                         f"I→T R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} | "

@@ -21,7 +21,7 @@ from losses import (anchored_loss, gather, grad_times, is_loss, itc_loss, relati
                     snr, step_rows, v_target, world_size)
 from unet import PRESETS as UNET_PRESETS, UNet, load_unet
 from vae import PRESETS as VAE_PRESETS, VAE, load_vae
-from single_file import load_single_file, to_single_file
+from single_file import SCHEDULER_KEY, load_single_file, to_single_file
 from weights import WeightsError, save_model, save_safetensors
 
 log = logging.getLogger("unidiff")
@@ -326,15 +326,15 @@ class UniDiff(nn.Module):
         `clip`: a transformers CLIP file or folder whose text tower becomes THE text encoder (SD 1.x's text
         encoder is CLIP ViT-L/14's text tower). A folder written by `save` brings its own `clip/`."""
         sd = Path(sd)
-        v_pred = False
         if sd.is_dir():
             unet, vae, text = load_unet(sd / "unet"), load_vae(sd / "vae"), load_clip(sd / "text_encoder")
             sched = sd / "scheduler" / "scheduler_config.json"
-            v_pred = sched.is_file() and json.loads(sched.read_text()).get("prediction_type") == "v_prediction"
+            sched = json.loads(sched.read_text()) if sched.is_file() else {}
             if clip is None and (sd / "clip").is_dir():
                 clip = sd / "clip"
         else:
-            unet, vae, text = load_single_file(sd)
+            unet, vae, text, sched = load_single_file(sd)
+        v_pred = sched.get("prediction_type") == "v_prediction"
         if clip is None:
             return cls(text, unet, vae, v_pred)
         full = load_clip(clip)
@@ -356,14 +356,15 @@ class UniDiff(nn.Module):
             self.clip.save(folder / "clip")
         self.tokenizer.save(folder / "tokenizer")
         (folder / "scheduler").mkdir(exist_ok=True)
-        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(
-            _class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-            beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False, clip_sample=False,
-            timestep_spacing="leading", prediction_type="v_prediction" if self.v_prediction else "epsilon"), indent=2))
+        sched = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                     beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+                     timestep_spacing="leading", prediction_type="v_prediction" if self.v_prediction else "epsilon")
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
         (folder / "model_index.json").write_text(json.dumps(dict(
             _class_name="StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"],
             vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModel"],
             tokenizer=["transformers", "CLIPTokenizer"], scheduler=["diffusers", "DDIMScheduler"],
             safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False), indent=2))
         if single_file:
-            save_safetensors(to_single_file(self.unet, self.vae, self.clip), folder / "model_single_file.safetensors")
+            save_safetensors(to_single_file(self.unet, self.vae, self.clip), folder / "model_single_file.safetensors",
+                             metadata={"format": "pt", SCHEDULER_KEY: json.dumps(sched)})  # the file alone keeps it

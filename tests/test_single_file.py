@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from safetensors import safe_open
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                  convert_ldm_vae_checkpoint)
@@ -90,7 +91,7 @@ def test_single_file_both_ways_and_outputs(tmp_path, caplog):
              "alphas_cumprod": torch.rand(1000), "betas": torch.rand(1000)}
     save_safetensors(file, tmp_path / "sd.safetensors")
     m = UniDiff.from_pretrained(tmp_path / "sd.safetensors")
-    assert m.clip.vision_model is None
+    assert m.clip.vision_model is None and m.v_prediction is False  # no scheduler config in its header: SD 1.x's ε
 
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 32)
     errs = dict(unet=rel_err(m.unet(x, t, ctx), d_unet(x, t, ctx).sample),
@@ -110,6 +111,19 @@ def test_single_file_both_ways_and_outputs(tmp_path, caplog):
     assert m2.clip.vision_model is not None and "differs from the CLIP text tower" in caplog.text
     assert torch.equal(m2.clip.text_hidden(ids), template.clip.text_hidden(ids))
     assert torch.equal(m2.unet(x, t, ctx), m.unet(x, t, ctx))
+
+
+@pytest.mark.parametrize("v_prediction", [False, True])
+def test_single_file_keeps_the_scheduler_config(tmp_path, v_prediction):
+    """A single file loaded alone came back ε: the demo's v-prediction model sampled 52/255 off, and
+    --weights FILE would have trained it with the wrong objective. Its header now holds the scheduler config."""
+    m = UniDiff.tiny(v_prediction=v_prediction)
+    m.save(tmp_path, single_file=True)
+    again = UniDiff.from_pretrained(tmp_path / "model_single_file.safetensors")
+    assert again.v_prediction is v_prediction
+    with safe_open(str(tmp_path / "model_single_file.safetensors"), "pt") as f:
+        sched = json.loads(f.metadata()["scheduler_config"])
+    assert sched == json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
 
 
 def test_single_file_refusals(tmp_path):

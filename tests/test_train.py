@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,6 +102,11 @@ def test_lora_resume_equals_straight_run_and_checkpoint_holds_the_merge(tmp_path
     flags = TINY + ["--steps", "4", "--save-every", "4", "--ema", "0.9", "--grad-accum", "2", "--lora", "2",
                     "--lora-alpha", "4"]
     straight_and_interrupted(flags, tmp_path, monkeypatch)
+    # a loader globbing *lora*.safetensors took the base weights (then lora_base.safetensors) for an adapter
+    assert sorted(p.name for p in (tmp_path / "a" / "step_000004").glob("*lora*.safetensors")) == [
+        "lora.safetensors", "lora_vision.safetensors"]
+    old = tmp_path / "b" / "step_000002"  # a checkpoint written before the rename resumes as well
+    (old / "base_weights.safetensors").rename(old / "lora_base.safetensors")
     assert train.main(["--resume", str(tmp_path / "b"), "--lora", "4"]) == 2  # another rank: refused
     assert "was trained with --lora 2 --lora-alpha 4: resume it without giving --lora" in capsys.readouterr().err
     assert train.main(["--resume", str(tmp_path / "b")]) == 0
@@ -109,7 +115,7 @@ def test_lora_resume_equals_straight_run_and_checkpoint_holds_the_merge(tmp_path
     a, b = weights(ckpt), weights(tmp_path / "b" / "step_000004")
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []  # bit-equal
     # AdamW and the EMA held the adapters alone; the model folders hold base + (α/r) B A of the EMA adapters
-    assert {k.split("/")[0] for k in a} >= {"lora.safetensors", "lora_vision.safetensors", "lora_base.safetensors"}
+    assert {k.split("/")[0] for k in a} >= {"lora.safetensors", "lora_vision.safetensors", "base_weights.safetensors"}
     assert all(k.startswith("optimizer.safetensors/lora.lora_") for k in a if k.startswith("optimizer"))
     assert all(k.startswith("live.safetensors/lora.lora_") for k in a if k.startswith("live"))
     init, live = weights(tmp_path / "a" / "init"), read_safetensors(ckpt / "live.safetensors")
@@ -124,7 +130,7 @@ def test_lora_resume_equals_straight_run_and_checkpoint_holds_the_merge(tmp_path
     live_model, _, _ = runs.load_model(ckpt, "live")
     live_sd = live_model.state_dict()
     for name, p in path.items():
-        assert torch.equal(a[f"lora_base.safetensors/{name}"], start_sd[f"{p}.weight"])
+        assert torch.equal(a[f"base_weights.safetensors/{name}"], start_sd[f"{p}.weight"])
         file = "lora_vision" if name.startswith("lora_clip_") else "lora"
         for sd, got in ((a, folder[f"{p}.weight"]), (live, live_sd[f"{p}.weight"])):  # EMA in the folders; live
             k = f"{file}.safetensors/" if sd is a else "lora."
@@ -508,17 +514,21 @@ def test_nan_gradient_skips_the_step(tmp_path, monkeypatch, capsys):
     assert any(not torch.equal(ckpt[k], init[k]) for k in init if k.startswith("unet/"))  # the others trained
 
 
-def test_nan_gradient_every_step_stops_and_saves_no_nan(tmp_path, monkeypatch, capsys):
+def test_nan_gradient_ten_steps_in_a_row_stop_at_the_tenth_and_save(tmp_path, monkeypatch, capsys):
+    """NaN gradients from step 3 on: the run stops after step 12, the tenth in a row (it went on to the progress
+    line at step 20), and saves the weights, intact since step 2 (it saved nothing)."""
     torch.manual_seed(0)
-    nan_gradient_at(set(range(100)), monkeypatch)
+    nan_gradient_at(set(range(2, 100)), monkeypatch)
     run = tmp_path / "r"
-    assert train.main(TINY + ["--steps", "12", "--save-every", "4", "--ema", "0.9", "--out", str(run)]) == 2
+    assert train.main(TINY + ["--steps", "30", "--save-every", "8", "--ema", "0.9", "--out", str(run)]) == 2
     err = capsys.readouterr().err
-    assert f"the gradient was not finite at each of the last {train.MAX_SKIPS} steps" in err
-    assert "step_000008" in err and "Traceback" not in err  # the last good checkpoint
-    assert [c.name for c in train.checkpoints(run)] == ["step_000004", "step_000008"]
-    for c in train.checkpoints(run):
-        assert all(v.isfinite().all() for v in weights(c).values())
+    assert f"the gradient was not finite at each of the last 10 steps (up to step 12); they were skipped, so the " \
+           f"weights are intact: saved in {run / 'step_000012'}" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert [c.name for c in train.checkpoints(run)] == ["step_000008", "step_000012"]
+    first, last = weights(run / "step_000008"), weights(run / "step_000012")
+    assert all(v.isfinite().all() for v in last.values())  # live, EMA and AdamW's moments
+    assert last.keys() == first.keys() and all(torch.equal(first[k], last[k]) for k in first)  # no step since 2
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
@@ -637,18 +647,18 @@ def test_cached_latents_resume_equals_straight_run(tmp_path, monkeypatch, capsys
     assert train.main(["--resume", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert out.count("latent cache: encoding the 12 training images once") == 1
-    assert out.count("(12 images; made for this data, resolution, VAE and precision)") == 2
+    assert out.count("(12 images; made for this data, resolution, VAE, CLIP input and precision)") == 2
     a, b = weights(tmp_path / "a" / "step_000004"), weights(tmp_path / "b" / "step_000004")
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_latent_cache_is_keyed_by_data_resolution_vae_and_precision(tmp_path, capsys):
     from latent_cache import cache_file
-    from vae import PRESETS, VAE
     folder = world_folder(tmp_path / "set")
-    vae = VAE(PRESETS["tiny"])
+    model = UniDiff.tiny()
+    vae = model.vae
     key = lambda res=16, dtype=torch.float32: cache_file(tmp_path, "set", train.open_dataset(str(folder), "train", res),
-                                                         res, vae, dtype)
+                                                         res, model, dtype)
     first = key()
     assert key() == first and first.name.startswith("set-16-")
     assert key(res=24) != first and key(dtype=torch.bfloat16) != first
@@ -668,7 +678,22 @@ def test_latent_cache_is_keyed_by_data_resolution_vae_and_precision(tmp_path, ca
     out = capsys.readouterr().out
     old, new = sorted((tmp_path / "latent-cache").glob("set-16-*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
     assert f"latent cache: encoding the 12 training images once into {new} (0.2 MB); not reusing {old.name}: " \
-           "made for other data, resolution, VAE or precision" in out
+           "made for other data, resolution, VAE, CLIP input or precision" in out
+
+
+def test_latent_cache_is_keyed_by_clip_input_size(tmp_path):
+    """The cache holds CLIP's view of each image: a model with the same VAE but CLIP at 48 px read the 32 px
+    model's cache, and its first step died of a shape error."""
+    from dataclasses import replace
+    from clip import CLIP
+    m = UniDiff.tiny(v_prediction=True)
+    m.save(tmp_path / "clip32")
+    c = m.clip.cfg
+    UniDiff(CLIP(replace(c, vision=replace(c.vision, image_size=48))), m.unet, m.vae, True).save(tmp_path / "clip48")
+    flags = cache_flags(world_folder(tmp_path / "set")) + ["--steps", "1", "--cache-latents"]
+    for size in (32, 48):
+        assert train.main(flags + ["--weights", str(tmp_path / f"clip{size}"), "--out", str(tmp_path / f"r{size}")]) == 0
+    assert len(list((tmp_path / "latent-cache").glob("set-16-*.safetensors"))) == 2
 
 
 def test_latent_cache_refuses_an_image_that_fails_to_load(tmp_path, monkeypatch, capsys):
@@ -685,21 +710,94 @@ def test_latent_cache_refuses_an_image_that_fails_to_load(tmp_path, monkeypatch,
     assert list((tmp_path / "latent-cache").iterdir()) == []
 
 
-def test_interrupted_caching_leaves_no_partial_cache_file(tmp_path, monkeypatch):
-    """Ctrl-C while the latent cache is written (before the training loop's own handler) removes the file being
-    written, as large as a whole cache: nothing is left behind in latent-cache/."""
+# argv = SIGNAL train-flags...: the signal comes while the latent cache's second batch is written
+SIGNAL_WHILE_CACHING = """
+import os, signal, sys, latent_cache, train
+real, n = latent_cache.write_rows, [0]
+def write_rows(*a):
+    n[0] += 1
+    if n[0] == 2:
+        os.kill(os.getpid(), signal.Signals[sys.argv[1]])
+    return real(*a)
+latent_cache.write_rows = write_rows
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_while_caching_leaves_no_temp_file_and_one_line(tmp_path, sig, code):
+    """Ctrl-C or SIGTERM (before the training loop's own handler) while the latent cache is written: the temp file,
+    as large as a whole cache, is removed (SIGTERM left it; Ctrl-C printed a traceback), and one line says so."""
+    flags = cache_flags(world_folder(tmp_path / "set")) + ["--steps", "1", "--cache-latents", "--out", str(tmp_path / "a")]
+    p = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_CACHING, sig, *flags], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == code, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and f"{sig}: stopped; no checkpoint was saved: nothing to resume" in p.stdout
+    assert list((tmp_path / "latent-cache").iterdir()) == []
+
+
+def test_full_disk_while_caching_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    """The cache written to a full disk (/dev/full: every write fails with ENOSPC, as a full disk's do) ended in a
+    traceback; now one line, and no temp file left."""
+    import builtins
     import latent_cache
-    real, calls = latent_cache.write_rows, []
-    def write_rows(*a):  # the second batch is interrupted
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a)
-    monkeypatch.setattr(latent_cache, "write_rows", write_rows)
+    monkeypatch.setattr(latent_cache, "open", lambda path, mode: builtins.open("/dev/full" if mode == "r+b" else path,
+                                                                                  mode), raising=False)
     flags = cache_flags(world_folder(tmp_path / "set")) + ["--steps", "1", "--cache-latents"]
-    with pytest.raises(KeyboardInterrupt):
-        train.main(flags + ["--out", str(tmp_path / "a")])
-    assert len(calls) == 2 and list((tmp_path / "latent-cache").iterdir()) == []
+    assert train.main(flags + ["--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "error: could not write the latent cache" in err and "(No space left on device); nothing was kept" in err
+    assert len(err.strip().splitlines()) == 1 and list((tmp_path / "latent-cache").iterdir()) == []
+
+
+@pytest.mark.parametrize("phase", ["fit_vae", "cached_training_set", "validate"])
+def test_ctrl_c_during_setup_ends_in_one_line(tmp_path, monkeypatch, capsys, phase):
+    """Ctrl-C while the tiny VAE is fitted, the latent cache made or the first validation run printed a traceback."""
+    def ctrl_c(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, phase, ctrl_c)
+    try:
+        code = train.main(TINY + ["--steps", "1", "--cache-latents", "--train-size", "8", "--eval-every", "1",
+                                  "--out", str(tmp_path / "r")])
+    except KeyboardInterrupt:  # it escaped main: a traceback
+        code = "KeyboardInterrupt"
+    out, err = capsys.readouterr()
+    assert code == 130 and err == "" and out.splitlines()[-1] == "SIGINT: stopped; no checkpoint was saved: nothing to resume"
+
+
+def test_plain_sd_fine_tuning_of_a_model_without_a_vision_tower(tmp_path, capsys):
+    """--lambda-itc 0 --lambda-rsc 0 on an SD single file (a text encoder, no vision tower) died of an AttributeError
+    in prepare_model: the UNet and text tower train, validation samples, and one line says vision is left out."""
+    UniDiff.tiny(v_prediction=True).save(tmp_path / "m", single_file=True)
+    flags = TINY + ["--weights", str(tmp_path / "m" / "model_single_file.safetensors"), "--lambda-itc", "0",
+                    "--lambda-rsc", "0", "--steps", "1", "--eval-every", "1"]
+    assert train.main(flags + ["--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "this model has no vision tower (a text encoder only): --train's vision is left out" in out
+    assert "training unet, text (" in out and (tmp_path / "r" / "samples" / "step_000001.png").is_file()
+    assert train.main(flags + ["--train", "vision", "--out", str(tmp_path / "v")]) == 2
+    assert capsys.readouterr().err == ("error: --train vision: this model has no vision tower (a text encoder only): "
+                                       "nothing would train\n")
+
+
+def test_weights_given_a_pipeline_or_run_folder_read_as_such_never_downloading(tmp_path, monkeypatch):
+    """--weights DIR looked for stable-diffusion-v1-5/ inside a diffusers pipeline folder, and would have downloaded
+    SD 1.5 into it. A pipeline folder is read as it is (CLIP-L from the weights folder), a run folder of ours as its
+    newest checkpoint (with its own clip/)."""
+    import download
+    monkeypatch.setattr(download, "download", lambda url, dest: pytest.fail(f"downloaded {url}"))
+    monkeypatch.setenv("UNIDIFF_WEIGHTS", str(tmp_path / "w"))
+    m = UniDiff.tiny(v_prediction=True)
+    m.save(tmp_path / "pipe")
+    shutil.rmtree(tmp_path / "pipe" / "clip")  # a plain diffusers folder: SD's text encoder only
+    m.clip.save(tmp_path / "w" / "clip-vit-large-patch14")
+    flags = ["--data", "world", "--model", "sd15", *TINY[4:-2], "--steps", "1"]
+    for weights, run in (("pipe", "a"), ("a", "b")):
+        assert train.main(flags + ["--weights", str(tmp_path / weights), "--out", str(tmp_path / run)]) == 0
+    starts = [json.loads((tmp_path / run / "run.json").read_text())["start"] for run in "ab"]
+    assert (starts[0]["sd"], starts[0]["clip"]) == (str(tmp_path / "pipe"), str(tmp_path / "w" / "clip-vit-large-patch14"))
+    assert (starts[1]["sd"], starts[1]["clip"]) == (str(tmp_path / "a" / "step_000001"),
+                                                    str(tmp_path / "a" / "step_000001" / "clip"))
 
 
 def test_resume_with_another_batch_size_reads_on_from_the_samples_seen(tmp_path, monkeypatch):
