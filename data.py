@@ -1,23 +1,7 @@
-"""Image–caption data: folders, named presets and the built-in synthetic sets.
+"""Image–caption data: folders, named presets and the built-in synthetic sets (world, demo).
 
-An item is `(pixels, caption)`: pixels float32 (3, H, W) in [-1, 1] (the VAE's range; the
-model converts to CLIP's normalisation), resized (bicubic) to just cover `size` and centre-cropped to
-it; no augmentation. `size` is a resolution as train.py's --res takes it (parse_res): 512 is a
-square, "512x768" width × height.
-
-    open_dataset("fashion_woman", split="train", size="512x768")  # data/fashion_woman/ (cwd-relative)
-    open_dataset("path/to/folder", split="test", size=256)  # metadata.jsonl or x.jpg + x.txt
-    open_dataset("world", split="val", size=32)             # the broad synthetic world (pretraining)
-    open_dataset("demo", split="test", size=32)             # its narrow domain slice with a new attribute
-
-A folder holds images and a `metadata.jsonl` (one JSON object a line: `file_name`, `text`,
-optional `split` and `group`; the Hugging Face imagefolder convention) or `x.jpg` + `x.txt` pairs.
-Rows of one `group` (e.g. the views of one garment; without it each row is its own group)
-always share a split, so no test image has a sibling in train. Rows without a `split` take
-the one metadata gives their group, else a seeded one: 10% of the groups, by hashing the
-group (or file name), go to test. A split with no rows is an error (DataError). Faulty rows
-are skipped and counted with the reason; odd image modes are converted and counted;
-`ds.report()` lists both. The presets are built from their public releases by `python -m tools.prepare`.
+An item is (pixels float32 (3, H, W) in [-1, 1], the VAE's range; caption), resized (bicubic) to just cover `size`
+(512 or "512x768", as --res) and centre-cropped; no augmentation. Folders, splits, bad rows: docs/training.md#data.
 """
 import hashlib
 import json
@@ -125,12 +109,6 @@ def load_pixels(path, size):
         im.draft(im.mode, size)  # JPEG: decode at the smallest scale still covering size
         im = to_rgb(ImageOps.exif_transpose(im))
     return to_pixels(np.asarray(resize_crop(im, size)))  # (3, H, W)
-
-
-def long_caption_lines(captions, token_lengths):
-    """Captions the tokenizer cuts at 77 tokens; token_lengths(list) -> counts with BOS/EOS (clip.Tokenizer.lengths)."""
-    long = [c for c, n in zip(captions, token_lengths(captions)) if n > 77] if token_lengths else []
-    return [f"truncated {len(long)}: caption longer than 77 tokens (e.g. {long[0][:60]!r})"] if long else []
 
 
 # ---------------------------------------------------------------------------- folders
@@ -249,8 +227,10 @@ class FolderDataset(Dataset):
         raise DataError(f"{self.root}: none of the {len(self.items)} {self.split} images could be decoded")
 
     def report(self, token_lengths=None):
-        return ([self.summary] + self.skipped.lines("skipped") + self.converted.lines("converted")
-                + long_caption_lines(self.captions, token_lengths))
+        """The summary and the counted skips and conversions; token_lengths: clip.Tokenizer.lengths (with BOS/EOS)."""
+        long = [c for c, n in zip(self.captions, token_lengths(self.captions)) if n > 77] if token_lengths else []
+        truncated = [f"truncated {len(long)}: caption longer than 77 tokens (e.g. {long[0][:60]!r})"] if long else []
+        return [self.summary] + self.skipped.lines("skipped") + self.converted.lines("converted") + truncated
 
 
 # ---------------------------------------------------------------------------- the synthetic world and demo
@@ -293,8 +273,7 @@ DOMAIN_COLOURS = [c for c in COLOURS if c not in HEMS]  # so the hem always stan
 
 
 def render_garment(kind, colour, pattern, size, rng, hem=None, studio=False):
-    """uint8 (size, size, 3): one garment on a light background (`studio`: a grey gradient, lighter at the
-    top), with a plain band of colour `hem` along its lower edge if given; `rng` jitters pose and tints."""
+    """uint8 (size, size, 3): one garment on a light or `studio` (grey gradient) background, `hem` a band of colour."""
     S = 2 * size  # draw at twice the size, then average 2×2 blocks: smooth edges, cheap
     scale, dx, dy, phase = rng.uniform(.85, 1.0), *rng.uniform(-.06, .06, 2), rng.uniform(0, 1)
     mask = Image.new("L", (S, S), 0)
@@ -336,8 +315,7 @@ def render_garment(kind, colour, pattern, size, rng, hem=None, studio=False):
 
 
 def caption(label):
-    """The caption of a world or demo label: "a red striped dress", "a pair of plain blue shoes", "... with a
-    white hem"."""
+    """A world or demo label's caption: "a red striped dress", "a pair of plain blue shoes ... with a white hem"."""
     kind, colour, pattern = label["kind"], label["colour"], label["pattern"]
     words = ["plain", colour, kind] if pattern == "plain" else [colour, pattern, kind]
     pair = kind in ("trousers", "shoes", "shorts", "boots")
@@ -347,9 +325,8 @@ def caption(label):
 
 
 class WorldDataset(Dataset):
-    """The broad synthetic world to pretrain on: 12 garments × 10 colours × 6 patterns on a light
-    background, captioned "a red striped dress". Index -> the same image every time; each split is
-    its own seeded stream (disjoint by construction); split None runs through train, val, test."""
+    """The broad synthetic world to pretrain on: 12 garments × 10 colours × 6 patterns, "a red striped dress".
+    Index -> the same image every time; each split is its own seeded stream; split None runs through all three."""
     sizes = {"train": 50_000, "val": 500, "test": 1000}
     stream = 1  # keeps the world's seeded streams apart from the domain's
     studio = False
@@ -406,10 +383,8 @@ class WorldDataset(Dataset):
 
 
 class DomainDataset(WorldDataset):
-    """`--data demo`: a narrow domain slice of the world with a shift, to fine-tune on: only dresses, skirts and tops, on a
-    studio background (a grey gradient), with an attribute the world never shows, a hem of another
-    colour, named in a longer caption: "a green striped dress with a white hem". Items come in groups
-    of look-alikes, the same garment with each hem, so captions differ only in the hem."""
+    """`--data demo`: the world's narrow domain slice to fine-tune on: dresses, skirts and tops on a studio background,
+    with a hem the world never shows ("a green striped dress with a white hem"), each garment with every hem."""
     sizes = {"train": 400, "val": 200, "test": 200}  # multiples of len(HEMS): whole groups
     stream = 2
     studio = True
@@ -427,14 +402,8 @@ class DomainDataset(WorldDataset):
 
 
 def open_dataset(name_or_dir, split="train", size=512, seed=0, root="data"):
-    """A preset name (fashion_woman, fashion_man, ecommerce_product: `root`/<name>/; world, and demo, the
-    world's narrow domain slice: synthetic) or a folder.
-
-    split: "train", "test" or None (all rows); world and demo also have "val". size: what every image is
-    resized and centre-cropped to, 512 (a square) or "512x768" (width × height; parse_res). seed: the
-    synthetic sets' content, and a folder's split for rows whose metadata has no `split`. Raises DataError
-    with a clear message.
-    """
+    """A preset (`root`/<name>/, or the synthetic world and demo) or a folder; split "train", "test" or None (all;
+    world and demo also "val"); seed: the synthetic sets' content and a folder's split where metadata has none."""
     if name_or_dir in ("world", "demo"):
         return {"world": WorldDataset, "demo": DomainDataset}[name_or_dir](split, size, seed)
     if split not in ("train", "test", None):

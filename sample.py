@@ -1,11 +1,7 @@
-"""Text to image with a trained run: DDIM + classifier-free guidance, saved as one PNG grid.
+"""Text to image with a trained run: DDIM + classifier-free guidance, one PNG grid, a row per prompt.
 
     python sample.py --ckpt runs/demo --prompt "a red striped dress" --prompt "a pair of blue shoes"
     python sample.py --ckpt runs/fashion_woman/step_001000 --prompt "..." --n 4 --steps 50 --out grid.png
-
-One row per prompt, `--n` images each. `--ckpt` is a run folder (its latest checkpoint) or one
-checkpoint folder; a checkpoint trained with --ema samples with its EMA weights (`--weights live`:
-the trained weights themselves).
 """
 import argparse
 import sys

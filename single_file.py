@@ -1,9 +1,6 @@
-"""The original single-file Stable Diffusion layout (CompVis LDM keys; what ComfyUI and A1111 read)
-<-> the diffusers / transformers names our models use.
+"""The original single-file SD layout (CompVis keys; what ComfyUI and A1111 read) <-> our diffusers names.
 
-One table of (diffusers prefix, original prefix) pairs per model, built from the block structure and
-used in both directions: a key is renamed by its longest matching prefix (keys that match none are the
-same in both layouts).
+One table of (diffusers prefix, original prefix) pairs per model, used both ways: longest matching prefix wins.
 """
 from clip import CLIP
 from unet import UNet
@@ -73,8 +70,7 @@ def vae_attn_shape(sd, conv):
 
 
 def to_single_file(unet, vae, clip):
-    """One state dict in the original SD 1.x layout: model.diffusion_model.*, first_stage_model.*,
-    cond_stage_model.transformer.text_model.*."""
+    """One state dict in the original SD 1.x layout: model.diffusion_model, first_stage_model, cond_stage_model."""
     c = unet.cfg
     u = rename(unet.state_dict(), unet_names(len(c.block_out_channels), c.layers_per_block, c.cross_attn), True)
     v = rename(vae.state_dict(), vae_names(len(vae.cfg.block_out_channels), vae.cfg.layers_per_block), True)
@@ -85,8 +81,7 @@ def to_single_file(unet, vae, clip):
 
 
 def load_single_file(path):
-    """An original-layout SD 1.x .safetensors -> (UNet, VAE, CLIP text encoder), configs inferred from the shapes.
-    EMA copies (model_ema.*) and the schedule buffers are not read."""
+    """An original-layout SD 1.x .safetensors -> (UNet, VAE, CLIP text encoder); EMA copies and buffers unread."""
     sd = read_safetensors(path)
     if any(k.startswith("cond_stage_model.model.") for k in sd):
         raise WeightsError("this single file has an OpenCLIP text encoder (SD 2.x): convert it to the diffusers "

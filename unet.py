@@ -1,9 +1,7 @@
 """Stable Diffusion's denoising UNet (diffusers' UNet2DConditionModel for SD 1.x and 2.x) on one page.
 
-Module attribute names equal diffusers' checkpoint keys (down_blocks.0.attentions.0.transformer_blocks.0.
-attn1.to_q.weight, ...), so `unet/diffusion_pytorch_model.safetensors` loads with a strict
-load_state_dict. The whole forward pass is UNet.forward: down levels push skips, up levels pop them.
-The modules need only torch and einops; the config and loaders at the end read files through weights.py.
+Attribute names are diffusers' checkpoint keys: `unet/diffusion_pytorch_model.safetensors` loads strictly, unrenamed.
+The whole forward pass is UNet.forward. The modules need only torch and einops; the loaders use weights.py.
 """
 import math
 from dataclasses import dataclass, fields, replace
@@ -160,8 +158,7 @@ class Transformer(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution level: resnets, a transformer after each (None: resnets only), then a downsampler
-    or upsampler (None where the level has none), each in a list as diffusers' keys are."""
+    """One resolution level: resnets, maybe a transformer after each, maybe a down- or upsampler (lists: the keys)."""
 
     def __init__(self, resnets, attentions=None, down=None, up=None):
         super().__init__()
@@ -201,7 +198,7 @@ class UNet(nn.Module):
         self.grad_ckpt = False  # recompute each resnet/transformer in backward (saves activation memory)
 
     def forward(self, x, t, context):
-        """Noisy latents (B, 4, h, w), timesteps (B,) or scalar, text states (B, 77, D) -> predicted noise (B, 4, h, w)."""
+        """Noisy latents (B, 4, h, w), timesteps (B,) or scalar, text states (B, 77, D) -> noise (B, 4, h, w)."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         temb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(x.dtype))  # (B, 4*C0)
         ck = self.grad_ckpt
@@ -313,7 +310,8 @@ def infer_config(sd):
         ch = tuple(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(n))
         cfg = UNetConfig(
             in_channels=sd["conv_in.weight"].shape[1], out_channels=sd["conv_out.weight"].shape[0],
-            block_out_channels=ch, cross_attn=tuple(f"down_blocks.{i}.attentions.0.norm.weight" in sd for i in range(n)),
+            block_out_channels=ch,
+            cross_attn=tuple(f"down_blocks.{i}.attentions.0.norm.weight" in sd for i in range(n)),
             layers_per_block=1 + max(int(k.split(".")[3]) for k in sd if k.startswith("down_blocks.0.resnets.")),
             cross_attention_dim=sd["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape[1],
             use_linear_projection=sd["mid_block.attentions.0.proj_in.weight"].ndim == 2)
@@ -331,8 +329,6 @@ def infer_config(sd):
 
 def load_unet(path):
     """A UNet2DConditionModel safetensors file, or the folder holding it (config.json beside it is used if present)."""
-    path = find_weights(path, ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                               "unet/diffusion_pytorch_model.safetensors",
-                               "unet/diffusion_pytorch_model.fp16.safetensors"])
+    path = find_weights(path, ["diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"])
     cfg = read_config(path)
     return UNet.from_state_dict(read_safetensors(path), UNetConfig.from_json(cfg) if cfg else None, source=str(path))
