@@ -67,8 +67,7 @@ def parse_res(res):
     """A resolution as --res takes it -> (width, height): 512 or "512" is a square, "512x768" width × height."""
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", str(res))
     if not m or int(m[1]) == 0 or m[2] is not None and int(m[2]) == 0:
-        raise ValueError(f"resolution {res!r}: give WIDTHxHEIGHT in pixels (e.g. 512x768), or one number for a "
-                         "square (e.g. 512)")
+        raise ValueError(f"resolution {res!r}: give WIDTHxHEIGHT in pixels (e.g. 512x768), or one number for a square")
     return int(m[1]), int(m[2] or m[1])
 
 
@@ -158,8 +157,7 @@ class FolderDataset(Dataset):
         meta = (self.root / "metadata.jsonl").is_file()
         rows = read_metadata(self.root, self.skipped) if meta else read_pairs(self.root, self.skipped)
         if not rows and not self.skipped.counts:
-            raise DataError(f"{self.root}: no images found. A data folder holds images and a metadata.jsonl "
-                            "(one JSON object a line with file_name and text) or x.jpg + x.txt caption pairs.")
+            raise DataError(f"{self.root}: no images found (give images and a metadata.jsonl, or x.jpg + x.txt pairs)")
         with ThreadPoolExecutor(8) as pool:  # header reads: mostly waiting on the disk
             probes = list(pool.map(lambda r: probe(self.root / r[0], self.size), rows))
         given = {}  # group -> the splits metadata gives its rows: a row without one follows them
@@ -287,18 +285,11 @@ def render_garment(kind, colour, pattern, size, rng, hem=None, studio=False):
     mask = np.asarray(mask) > 127  # (S, S)
     x = np.arange(S)[None, :] / S + phase  # (1, S); pattern periods: 1/8 of the image, 1/6 for dots
     y = np.arange(S)[:, None] / S + phase  # (S, 1)
-    if pattern == "striped":
-        motif = np.broadcast_to((y * 8) % 1 < .5, (S, S))
-    elif pattern == "dotted":
-        motif = ((x * 6) % 1 - .5) ** 2 + ((y * 6) % 1 - .5) ** 2 < .33**2
-    elif pattern == "checked":
-        motif = (np.floor(x * 8) + np.floor(y * 8)) % 2 == 0
-    elif pattern == "zigzag":  # stripes bent at 45° every 1/8 of the image
-        motif = (y * 8 + 2 * np.abs((x * 4) % 1 - .5)) % 1 < .5
-    elif pattern == "argyle":  # diamonds: a checkerboard turned 45°, period 1/4
-        motif = np.abs((x * 4) % 1 - .5) + np.abs((y * 4) % 1 - .5) < .5
-    else:
-        motif = np.zeros((S, S), bool)
+    motif = {"plain": np.zeros((S, S), bool), "striped": np.broadcast_to((y * 8) % 1 < .5, (S, S)),
+             "dotted": ((x * 6) % 1 - .5) ** 2 + ((y * 6) % 1 - .5) ** 2 < .33**2,
+             "checked": (np.floor(x * 8) + np.floor(y * 8)) % 2 == 0,
+             "zigzag": (y * 8 + 2 * np.abs((x * 4) % 1 - .5)) % 1 < .5,  # stripes bent at 45° every 1/8
+             "argyle": np.abs((x * 4) % 1 - .5) + np.abs((y * 4) % 1 - .5) < .5}[pattern]  # diamonds, period 1/4
     base = np.clip(np.array(COLOURS[colour]) + rng.integers(-15, 16, 3), 0, 255)
     light = base @ [.299, .587, .114] > 140
     contrast = np.array([40, 40, 40] if light else [250, 250, 250])
@@ -325,8 +316,7 @@ def caption(label):
 
 
 class WorldDataset(Dataset):
-    """The broad synthetic world to pretrain on: 12 garments × 10 colours × 6 patterns, "a red striped dress".
-    Index -> the same image every time; each split is its own seeded stream; split None runs through all three."""
+    """The synthetic world to pretrain on: 12 garments × 10 colours × 6 patterns; each split a seeded stream."""
     sizes = {"train": 50_000, "val": 500, "test": 1000}
     stream = 1  # keeps the world's seeded streams apart from the domain's
     studio = False
@@ -383,8 +373,7 @@ class WorldDataset(Dataset):
 
 
 class DomainDataset(WorldDataset):
-    """`--data demo`: the world's narrow domain slice to fine-tune on: dresses, skirts and tops on a studio background,
-    with a hem the world never shows ("a green striped dress with a white hem"), each garment with every hem."""
+    """`--data demo`: the world's domain slice to fine-tune on: 3 garments in a studio, each with every new hem."""
     sizes = {"train": 400, "val": 200, "test": 200}  # multiples of len(HEMS): whole groups
     stream = 2
     studio = True
@@ -402,8 +391,7 @@ class DomainDataset(WorldDataset):
 
 
 def open_dataset(name_or_dir, split="train", size=512, seed=0, root="data"):
-    """A preset (`root`/<name>/, or the synthetic world and demo) or a folder; split "train", "test" or None (all;
-    world and demo also "val"); seed: the synthetic sets' content and a folder's split where metadata has none."""
+    """A preset (`root`/<name>/; world and demo: synthetic) or a folder; split "train", "test" or None (all)."""
     if name_or_dir in ("world", "demo"):
         return {"world": WorldDataset, "demo": DomainDataset}[name_or_dir](split, size, seed)
     if split not in ("train", "test", None):

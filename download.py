@@ -39,8 +39,7 @@ def _present(path):
 
 
 def ensure_weights(path=None, base_url=None, files=WEIGHT_FILES):
-    """{repo: folder} of `files`; each missing one is fetched once from <base_url>/<repo>/resolve/main/<file>
-    (default `$HF_ENDPOINT`, else https://huggingface.co), resuming an interrupted download's `.part` file."""
+    """{repo: folder} of `files`, each missing one fetched from <base_url or $HF_ENDPOINT>/<repo>/resolve/main/."""
     root = weights_dir(path)
     base = (base_url or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     folders = {repo: root / repo.split("/")[-1] for repo in files}
@@ -57,8 +56,7 @@ def ensure_weights(path=None, base_url=None, files=WEIGHT_FILES):
 
 
 def pretrained(path=None, base_url=None):
-    """(SD 1.5, CLIP ViT-L/14) for UniDiff.from_pretrained, the missing files downloaded. `path` (--weights): a folder
-    (the diffusers files, else one SD single file in it) or a single file; CLIP comes from the weights folder."""
+    """(SD 1.5, CLIP ViT-L/14) for UniDiff.from_pretrained from --weights (a folder or an SD single file)."""
     clip_only = {CLIP_REPO: WEIGHT_FILES[CLIP_REPO]}
     if path is not None and Path(path).suffix in (".safetensors", *PICKLE_SUFFIXES):
         file = Path(path)

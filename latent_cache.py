@@ -57,11 +57,9 @@ def layout(shapes, dtype):
 
 def create(path, shapes, dtype):
     """The file of layout(shapes, dtype) at full size, its rows zero until written."""
-    head, where = layout(shapes, dtype)
-    end = max(o + row * shapes[name][0] for name, (o, row) in where.items())
     with open(path, "wb") as f:
-        f.write(head)
-        f.truncate(end)
+        f.write(layout(shapes, dtype)[0])
+        f.truncate(f.tell() + dtype.itemsize * sum(map(math.prod, shapes.values())))
 
 
 def write_rows(f, where, start, encoded, dtype):
@@ -88,8 +86,7 @@ class CachedSet(Dataset):
 
 
 def cached_training_set(model, train_set, data, res, run, micro, d, say, workers):
-    """The training set from its cache in latent-cache/ beside the run folder, made first if missing (each rank
-    encodes its share of the rows into one file, renamed into place when complete)."""
+    """The training set from its cache in latent-cache/ beside the run folder, made first if missing."""
     # autocast's precision (runs.autocast): the VAE's last layer and CLIP's first compute in it, so nothing is lost
     dtype = torch.bfloat16 if d.cuda else torch.float32
     folder, name, n = run.parent / "latent-cache", Path(data).name, len(train_set)

@@ -5,8 +5,7 @@
             transformers CLIPModel), live.safetensors (--ema: the trained weights; the folders hold the EMA),
             lora*.safetensors (--lora: save_lora), optimizer.safetensors (AdamW's moments), state.json (step, args)
 
-Nothing is pickled. A checkpoint is written to a hidden temp folder, then renamed: a kill or a full disk leaves
-the previous one as it was.
+Nothing is pickled; a checkpoint is written to a hidden temp folder, then renamed (a kill leaves the last one whole).
 """
 import json
 import os
@@ -143,8 +142,7 @@ def load_start(run):
     """The model a run started from (eval.py's pretrained side and CLIP-score judge), and its name."""
     run = Path(run)
     if not (run / "run.json").is_file():
-        raise RunError(f"{run}/run.json not found: it records the model the run started from (the pretrained "
-                       "side of the table and the CLIP-score judge); pass a checkpoint inside its run folder")
+        raise RunError(f"{run}/run.json not found: it names the model the run started from; pass a run's checkpoint")
     start = json.loads((run / "run.json").read_text())["start"]
     if "weights" in start:  # a tiny run from saved weights (the demo: the shipped pretrained tiny model)
         return UniDiff.from_pretrained(run / start["init"]), f"pretrained {start['model']} ({start['weights']})"

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from data import parse_res
-from runs import RunError, autocast, check_size, latest_checkpoint, load_model, read_state, save_grid
+from runs import RunError, autocast, check_size, load_model, read_state, save_grid
 from weights import WeightsError
 
 
@@ -35,9 +35,8 @@ def main(argv=None):
         if getattr(args, side) is not None and getattr(args, side) < 1:
             p.error(f"--{side} {getattr(args, side)}: pixels, at least 1 (default: the run's training resolution)")
     try:
-        ckpt = latest_checkpoint(args.ckpt)
+        model, ckpt, weights = load_model(args.ckpt, args.weights)
         W, H = parse_res(read_state(ckpt)["args"]["res"])  # (W, H) the run trained at
-        model, _, weights = load_model(ckpt, args.weights)
         w, h = args.width or W, args.height or H
         check_size(model, w, h)
     except (WeightsError, RunError) as e:

@@ -4,7 +4,7 @@ Attribute names are diffusers' checkpoint keys: `unet/diffusion_pytorch_model.sa
 The whole forward pass is UNet.forward. The modules need only torch and einops; the loaders use weights.py.
 """
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -253,16 +253,11 @@ class UNetConfig:
 
     def to_json(self):
         """diffusers' UNet2DConditionModel config.json, so a saved folder opens with from_pretrained."""
-        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.cross_attn]
-        up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.cross_attn)]
-        heads = list(self.num_heads) if isinstance(self.num_heads, (list, tuple)) else self.num_heads
-        return {"_class_name": "UNet2DConditionModel", "in_channels": self.in_channels,
-                "out_channels": self.out_channels, "block_out_channels": list(self.block_out_channels),
-                "down_block_types": down, "up_block_types": up, "layers_per_block": self.layers_per_block,
-                "attention_head_dim": heads, "cross_attention_dim": self.cross_attention_dim,
-                "use_linear_projection": self.use_linear_projection, "upcast_attention": self.upcast_attention,
-                "norm_num_groups": self.norm_num_groups, "norm_eps": self.norm_eps,
-                "sample_size": self.sample_size, **FIXED}
+        d = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in asdict(self).items()}
+        heads, cross = d.pop("num_heads"), d.pop("cross_attn")
+        return {"_class_name": "UNet2DConditionModel", **d, "attention_head_dim": heads, **FIXED,
+                "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cross],
+                "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cross)]}
 
     @classmethod
     def from_json(cls, d):

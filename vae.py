@@ -258,8 +258,7 @@ PROGRESS_EVERY = 5  # seconds between progress lines of the fit
 
 
 def fit_vae(vae, dataset, steps, seed, say, batch=16, lr=3e-3):
-    """Fit a random (tiny) VAE as an autoencoder (a random decoder turns any latent into noise), then set its
-    scaling factor, as SD did, so the latents the UNet sees have unit variance. Deterministic in `seed`."""
+    """Fit a random (tiny) VAE as an autoencoder, then set its scaling factor for unit-variance latents, as SD did."""
     if not steps:
         return
     H, W = dataset[0][0].shape[-2:]
