@@ -146,9 +146,8 @@ def download(url, dest, chunk=1 << 20):
     if size is not None and got != size:
         if got > size:
             part.unlink()  # cannot be a prefix of the right file: start clean next time
-        raise WeightsError(f"{dest}: {'incomplete' if got < size else 'too large'} after download "
-                           f"({got} bytes, expected {size}); run again to "
-                           + ("resume" if got < size else "download it afresh"))
+        raise WeightsError(f"{dest}: {'incomplete' if got < size else 'too large'} after download ({got} bytes, "
+                           f"expected {size}); run again to {'resume' if got < size else 'download it afresh'}")
     if sha is not None:
         with open(part, "rb") as f:
             h = hashlib.file_digest(f, "sha256")

@@ -131,10 +131,8 @@ ROWS = [("I→T R@1", "i2t_r1", "{:.1f}"), ("I→T R@5", "i2t_r5", "{:.1f}"), ("
 
 def table(columns):
     """columns: {header: row dict} -> a Markdown table."""
-    lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, key, f in ROWS:
-        lines.append(f"| {name} | " + " | ".join(f.format(c[key]) for c in columns.values()) + " |")
-    return "\n".join(lines)
+    rows = [f"| {name} | " + " | ".join(f.format(c[key]) for c in columns.values()) + " |" for name, key, f in ROWS]
+    return "\n".join(["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|", *rows])
 
 
 def parse_args(argv=None):

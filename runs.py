@@ -171,9 +171,9 @@ def save_checkpoint(run, step, model, named, opt, ema, state):
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
         if isinstance(e, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
             prev = checkpoints(run)
-            raise RunError(f"could not write checkpoint {final} ({getattr(e, 'strerror', None) or e}); nothing was lost: "
-                           + (f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint")
-                           + ". Free some disk space and --resume.") from None
+            kept = f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint"
+            raise RunError(f"could not write checkpoint {final} ({getattr(e, 'strerror', None) or e}); nothing was "
+                           f"lost: {kept}. Free some disk space and --resume.") from None
         raise
     return final
 
