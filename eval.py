@@ -70,6 +70,7 @@ def clip_score(img, txt):
 
 def frechet(a, b):
     """FID's formula on features a (N, D), b (M, D): ‖μa − μb‖² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½, float64."""
+    # Biased upward for few images: compare runs at equal --n only.
     a, b = a.double(), b.double()
     mu_a, mu_b, ca, cb = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
     w, v = torch.linalg.eigh(ca)
