@@ -1,10 +1,7 @@
 """CLIP: text tower, vision tower, BPE tokenizer and image preprocessing.
 
-Module names equal the keys of Hugging Face `transformers` (CLIPModel / CLIPTextModel), so
-`openai/clip-vit-large-patch14/model.safetensors` and SD's `text_encoder/model.safetensors`
-load with strict=True and no renaming; `save` writes a folder transformers opens again.
-The text tower is shared: SD conditions on `text_hidden` (B, 77, W), ITC/RSC use `encode_text`.
-The modules need only torch and einops; the config and loader after them read files through weights.py.
+Module names are transformers' keys (CLIPModel / CLIPTextModel): their safetensors load strictly, unrenamed.
+SD conditions on `text_hidden` (B, 77, W), ITC/RSC use `encode_text`. The modules need only torch and einops.
 """
 import gzip
 import json
@@ -167,8 +164,7 @@ class CLIP(nn.Module):
     def pool_text(self, hidden, ids):
         """`text_hidden`'s output -> (B, D) projected embedding, so one text pass can serve IS and ITC."""
         if self.text_projection is None:
-            raise ValueError("this CLIP is a text encoder only (CLIPTextModel layout, e.g. SD's text_encoder): "
-                             "it has no text_projection, so no encode_text. Load a full CLIP for ITC/RSC.")
+            raise ValueError("a text-only CLIP (e.g. SD's text_encoder) has no text_projection: load a full CLIP")
         # Pool at the first EOS: 49407 is the largest id, so argmax finds it (transformers' rule, either eos_token_id).
         return self.text_projection(hidden[torch.arange(len(ids), device=ids.device), ids.argmax(-1)])
 
@@ -192,8 +188,7 @@ class CLIP(nn.Module):
         return load_strict(model.to_empty(device="cpu"), sd, source)
 
     def save(self, folder, text_only=False):
-        """`model.safetensors` + `config.json`: a folder transformers' CLIPModel/CLIPTextModel opens;
-        `text_only`: the text tower alone, a CLIPTextModel (SD's text_encoder)."""
+        """A folder transformers' CLIPModel opens; `text_only`: the text tower, a CLIPTextModel (SD's text_encoder)."""
         sd = self.text_model.state_dict(prefix="text_model.") if text_only else self.state_dict()
         save_model(folder, "model.safetensors", sd, self.cfg.to_json(text_only))
 
@@ -299,7 +294,7 @@ def infer_config(sd):
 
 def load_clip(path):
     """A transformers CLIPModel or CLIPTextModel safetensors file, or the folder holding it."""
-    file = find_weights(path, ["model.safetensors", "model.fp16.safetensors"])
+    file = find_weights(path, ["model.safetensors"])
     cfg = read_config(file)
     return CLIP.from_state_dict(read_safetensors(file), CLIPConfig.from_json(cfg) if cfg else None, source=str(file))
 
@@ -392,8 +387,7 @@ def to_rgb(im):
 
 
 def resize_crop(im, size):
-    """Scaled (bicubic) to just cover `size`, then its centre cut out: `size` x `size` for an int (the shorter
-    side to `size`), W x H for a (W, H) pair (a portrait photo at 512x768 keeps its head and shoes)."""
+    """Scaled (bicubic) to just cover `size` (an int: a square; or (W, H)), then its centre cut out."""
     W, H = (size, size) if isinstance(size, int) else size
     w, h = im.size
     w, h = (W, int(W * h / w)) if W * h >= H * w else (int(H * w / h), H)  # transformers' rounding

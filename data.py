@@ -1,23 +1,7 @@
-"""Image–caption data: folders, named presets and the built-in synthetic sets.
+"""Image–caption data: folders, named presets and the built-in synthetic sets (world, demo).
 
-An item is `(pixels, caption)`: pixels float32 (3, H, W) in [-1, 1] (the VAE's range; the
-model converts to CLIP's normalisation), resized (bicubic) to just cover `size` and centre-cropped to
-it; no augmentation. `size` is a resolution as train.py's --res takes it (parse_res): 512 is a
-square, "512x768" width × height.
-
-    open_dataset("fashion_woman", split="train", size="512x768")  # data/fashion_woman/ (cwd-relative)
-    open_dataset("path/to/folder", split="test", size=256)  # metadata.jsonl or x.jpg + x.txt
-    open_dataset("world", split="val", size=32)             # the broad synthetic world (pretraining)
-    open_dataset("demo", split="test", size=32)             # its narrow domain slice with a new attribute
-
-A folder holds images and a `metadata.jsonl` (one JSON object a line: `file_name`, `text`,
-optional `split` and `group`; the Hugging Face imagefolder convention) or `x.jpg` + `x.txt` pairs.
-Rows of one `group` (e.g. the views of one garment; without it each row is its own group)
-always share a split, so no test image has a sibling in train. Rows without a `split` take
-the one metadata gives their group, else a seeded one: 10% of the groups, by hashing the
-group (or file name), go to test. A split with no rows is an error (DataError). Faulty rows
-are skipped and counted with the reason; odd image modes are converted and counted;
-`ds.report()` lists both. The presets are built from their public releases by `python -m tools.prepare`.
+An item is (pixels float32 (3, H, W) in [-1, 1], the VAE's range; caption), resized (bicubic) to just cover `size`
+(512 or "512x768", as --res) and centre-cropped; no augmentation. Folders, splits, bad rows: docs/training.md#data.
 """
 import hashlib
 import json
@@ -83,8 +67,7 @@ def parse_res(res):
     """A resolution as --res takes it -> (width, height): 512 or "512" is a square, "512x768" width × height."""
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", str(res))
     if not m or int(m[1]) == 0 or m[2] is not None and int(m[2]) == 0:
-        raise ValueError(f"resolution {res!r}: give WIDTHxHEIGHT in pixels (e.g. 512x768), or one number for a "
-                         "square (e.g. 512)")
+        raise ValueError(f"resolution {res!r}: give WIDTHxHEIGHT in pixels (e.g. 512x768), or one number for a square")
     return int(m[1]), int(m[2] or m[1])
 
 
@@ -125,12 +108,6 @@ def load_pixels(path, size):
         im.draft(im.mode, size)  # JPEG: decode at the smallest scale still covering size
         im = to_rgb(ImageOps.exif_transpose(im))
     return to_pixels(np.asarray(resize_crop(im, size)))  # (3, H, W)
-
-
-def long_caption_lines(captions, token_lengths):
-    """Captions the tokenizer cuts at 77 tokens; token_lengths(list) -> counts with BOS/EOS (clip.Tokenizer.lengths)."""
-    long = [c for c, n in zip(captions, token_lengths(captions)) if n > 77] if token_lengths else []
-    return [f"truncated {len(long)}: caption longer than 77 tokens (e.g. {long[0][:60]!r})"] if long else []
 
 
 # ---------------------------------------------------------------------------- folders
@@ -180,8 +157,7 @@ class FolderDataset(Dataset):
         meta = (self.root / "metadata.jsonl").is_file()
         rows = read_metadata(self.root, self.skipped) if meta else read_pairs(self.root, self.skipped)
         if not rows and not self.skipped.counts:
-            raise DataError(f"{self.root}: no images found. A data folder holds images and a metadata.jsonl "
-                            "(one JSON object a line with file_name and text) or x.jpg + x.txt caption pairs.")
+            raise DataError(f"{self.root}: no images found (give images and a metadata.jsonl, or x.jpg + x.txt pairs)")
         with ThreadPoolExecutor(8) as pool:  # header reads: mostly waiting on the disk
             probes = list(pool.map(lambda r: probe(self.root / r[0], self.size), rows))
         given = {}  # group -> the splits metadata gives its rows: a row without one follows them
@@ -249,8 +225,10 @@ class FolderDataset(Dataset):
         raise DataError(f"{self.root}: none of the {len(self.items)} {self.split} images could be decoded")
 
     def report(self, token_lengths=None):
-        return ([self.summary] + self.skipped.lines("skipped") + self.converted.lines("converted")
-                + long_caption_lines(self.captions, token_lengths))
+        """The summary and the counted skips and conversions; token_lengths: clip.Tokenizer.lengths (with BOS/EOS)."""
+        long = [c for c, n in zip(self.captions, token_lengths(self.captions)) if n > 77] if token_lengths else []
+        truncated = [f"truncated {len(long)}: caption longer than 77 tokens (e.g. {long[0][:60]!r})"] if long else []
+        return [self.summary] + self.skipped.lines("skipped") + self.converted.lines("converted") + truncated
 
 
 # ---------------------------------------------------------------------------- the synthetic world and demo
@@ -293,8 +271,7 @@ DOMAIN_COLOURS = [c for c in COLOURS if c not in HEMS]  # so the hem always stan
 
 
 def render_garment(kind, colour, pattern, size, rng, hem=None, studio=False):
-    """uint8 (size, size, 3): one garment on a light background (`studio`: a grey gradient, lighter at the
-    top), with a plain band of colour `hem` along its lower edge if given; `rng` jitters pose and tints."""
+    """uint8 (size, size, 3): one garment on a light or `studio` (grey gradient) background, `hem` a band of colour."""
     S = 2 * size  # draw at twice the size, then average 2×2 blocks: smooth edges, cheap
     scale, dx, dy, phase = rng.uniform(.85, 1.0), *rng.uniform(-.06, .06, 2), rng.uniform(0, 1)
     mask = Image.new("L", (S, S), 0)
@@ -308,18 +285,11 @@ def render_garment(kind, colour, pattern, size, rng, hem=None, studio=False):
     mask = np.asarray(mask) > 127  # (S, S)
     x = np.arange(S)[None, :] / S + phase  # (1, S); pattern periods: 1/8 of the image, 1/6 for dots
     y = np.arange(S)[:, None] / S + phase  # (S, 1)
-    if pattern == "striped":
-        motif = np.broadcast_to((y * 8) % 1 < .5, (S, S))
-    elif pattern == "dotted":
-        motif = ((x * 6) % 1 - .5) ** 2 + ((y * 6) % 1 - .5) ** 2 < .33**2
-    elif pattern == "checked":
-        motif = (np.floor(x * 8) + np.floor(y * 8)) % 2 == 0
-    elif pattern == "zigzag":  # stripes bent at 45° every 1/8 of the image
-        motif = (y * 8 + 2 * np.abs((x * 4) % 1 - .5)) % 1 < .5
-    elif pattern == "argyle":  # diamonds: a checkerboard turned 45°, period 1/4
-        motif = np.abs((x * 4) % 1 - .5) + np.abs((y * 4) % 1 - .5) < .5
-    else:
-        motif = np.zeros((S, S), bool)
+    motif = {"plain": np.zeros((S, S), bool), "striped": np.broadcast_to((y * 8) % 1 < .5, (S, S)),
+             "dotted": ((x * 6) % 1 - .5) ** 2 + ((y * 6) % 1 - .5) ** 2 < .33**2,
+             "checked": (np.floor(x * 8) + np.floor(y * 8)) % 2 == 0,
+             "zigzag": (y * 8 + 2 * np.abs((x * 4) % 1 - .5)) % 1 < .5,  # stripes bent at 45° every 1/8
+             "argyle": np.abs((x * 4) % 1 - .5) + np.abs((y * 4) % 1 - .5) < .5}[pattern]  # diamonds, period 1/4
     base = np.clip(np.array(COLOURS[colour]) + rng.integers(-15, 16, 3), 0, 255)
     light = base @ [.299, .587, .114] > 140
     contrast = np.array([40, 40, 40] if light else [250, 250, 250])
@@ -336,8 +306,7 @@ def render_garment(kind, colour, pattern, size, rng, hem=None, studio=False):
 
 
 def caption(label):
-    """The caption of a world or demo label: "a red striped dress", "a pair of plain blue shoes", "... with a
-    white hem"."""
+    """A world or demo label's caption: "a red striped dress", "a pair of plain blue shoes ... with a white hem"."""
     kind, colour, pattern = label["kind"], label["colour"], label["pattern"]
     words = ["plain", colour, kind] if pattern == "plain" else [colour, pattern, kind]
     pair = kind in ("trousers", "shoes", "shorts", "boots")
@@ -347,9 +316,7 @@ def caption(label):
 
 
 class WorldDataset(Dataset):
-    """The broad synthetic world to pretrain on: 12 garments × 10 colours × 6 patterns on a light
-    background, captioned "a red striped dress". Index -> the same image every time; each split is
-    its own seeded stream (disjoint by construction); split None runs through train, val, test."""
+    """The synthetic world to pretrain on: 12 garments × 10 colours × 6 patterns; each split a seeded stream."""
     sizes = {"train": 50_000, "val": 500, "test": 1000}
     stream = 1  # keeps the world's seeded streams apart from the domain's
     studio = False
@@ -406,10 +373,7 @@ class WorldDataset(Dataset):
 
 
 class DomainDataset(WorldDataset):
-    """`--data demo`: a narrow domain slice of the world with a shift, to fine-tune on: only dresses, skirts and tops, on a
-    studio background (a grey gradient), with an attribute the world never shows, a hem of another
-    colour, named in a longer caption: "a green striped dress with a white hem". Items come in groups
-    of look-alikes, the same garment with each hem, so captions differ only in the hem."""
+    """`--data demo`: the world's domain slice to fine-tune on: 3 garments in a studio, each with every new hem."""
     sizes = {"train": 400, "val": 200, "test": 200}  # multiples of len(HEMS): whole groups
     stream = 2
     studio = True
@@ -427,14 +391,7 @@ class DomainDataset(WorldDataset):
 
 
 def open_dataset(name_or_dir, split="train", size=512, seed=0, root="data"):
-    """A preset name (fashion_woman, fashion_man, ecommerce_product: `root`/<name>/; world, and demo, the
-    world's narrow domain slice: synthetic) or a folder.
-
-    split: "train", "test" or None (all rows); world and demo also have "val". size: what every image is
-    resized and centre-cropped to, 512 (a square) or "512x768" (width × height; parse_res). seed: the
-    synthetic sets' content, and a folder's split for rows whose metadata has no `split`. Raises DataError
-    with a clear message.
-    """
+    """A preset (`root`/<name>/; world and demo: synthetic) or a folder; split "train", "test" or None (all)."""
     if name_or_dir in ("world", "demo"):
         return {"world": WorldDataset, "demo": DomainDataset}[name_or_dir](split, size, seed)
     if split not in ("train", "test", None):

@@ -19,12 +19,11 @@ from weights import PICKLE_SUFFIXES, WeightsError, refuse_pickle
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CLIP_REPO = "openai/clip-vit-large-patch14"
 WEIGHT_FILES = {
-    SD15_REPO: ["model_index.json", "scheduler/scheduler_config.json",
-                "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-                "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder/config.json", "text_encoder/model.safetensors",
-                "tokenizer/vocab.json", "tokenizer/merges.txt",
-                "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"],
+    SD15_REPO: ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors",
+                "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
+                "tokenizer/special_tokens_map.json"],
     CLIP_REPO: ["config.json", "model.safetensors"],
 }
 PIPELINE = ("model_index.json", "unet", "vae", "text_encoder")  # what a diffusers pipeline folder holds, at least
@@ -41,9 +40,7 @@ def _present(path):
 
 
 def ensure_weights(path=None, base_url=None, files=WEIGHT_FILES):
-    """{repo: folder} holding SD 1.5 (diffusers layout) and CLIP ViT-L/14 (transformers layout). A missing file is
-    fetched once from `base_url` (default `$HF_ENDPOINT`, else https://huggingface.co) as
-    <base>/<repo>/resolve/main/<file>; an interrupted download resumes from its `.part` file."""
+    """{repo: folder} of `files`, each missing one fetched from <base_url or $HF_ENDPOINT>/<repo>/resolve/main/."""
     root = weights_dir(path)
     base = (base_url or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     folders = {repo: root / repo.split("/")[-1] for repo in files}
@@ -60,15 +57,9 @@ def ensure_weights(path=None, base_url=None, files=WEIGHT_FILES):
 
 
 def pretrained(path=None, base_url=None):
-    """(SD 1.5, CLIP ViT-L/14) for UniDiff.from_pretrained; what is missing is downloaded (ensure_weights).
-
-    `path` (--weights) is a weights folder, a diffusers pipeline folder (model_index.json: read as it is, with its
-    own clip/ if it has one, as our checkpoints do), or an SD 1.x single-file .safetensors
-    (`v1-5-pruned-emaonly.safetensors`, as ComfyUI / A1111 keep it). In a weights folder the diffusers SD 1.5 files
-    serve when all there, else one single file lying in it. A single file has no vision tower: CLIP ViT-L/14 still
-    comes from its own folder, in the weights folder (for --weights FILE or a pipeline folder: $UNIDIFF_WEIGHTS,
-    else weights/; never beside it, which may be another application's models folder).
-    """
+    """(SD 1.5, CLIP ViT-L/14) for UniDiff.from_pretrained from --weights: a weights folder, a diffusers pipeline folder
+    (model_index.json: read as it is) or an SD 1.x single file. CLIP-L comes from the weights folder, never from
+    beside a file or inside someone's pipeline folder (docs/training.md)."""
     clip_only = {CLIP_REPO: WEIGHT_FILES[CLIP_REPO]}
     if path is not None and Path(path).suffix in (".safetensors", *PICKLE_SUFFIXES):
         file = Path(path)
@@ -113,8 +104,7 @@ def _place_message(root, folders, missing):
 
 
 def _linked_info(url):
-    """(size, sha256) from Hugging Face's headers on the un-redirected HEAD, when it sends them: for LFS files
-    the hub redirects to its CDN with `X-Linked-Etag` = the file's sha256 (the plain ETag is not a sha256)."""
+    """(size, sha256) or Nones from the hub's un-redirected HEAD: an LFS file's `X-Linked-Etag` is its sha256."""
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):
             return None
@@ -131,8 +121,7 @@ def _linked_info(url):
 
 
 def download(url, dest, chunk=1 << 20):
-    """Fetch `url` to `dest` via `dest.part` (resumed with an HTTP Range request), check its
-    size and sha256 (when the server names one), then rename into place."""
+    """Fetch `url` to `dest` via `dest.part` (resumed by a Range request), check size and sha256, rename into place."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -163,14 +152,11 @@ def download(url, dest, chunk=1 << 20):
     if size is not None and got != size:
         if got > size:
             part.unlink()  # cannot be a prefix of the right file: start clean next time
-        raise WeightsError(f"{dest}: {'incomplete' if got < size else 'too large'} after download "
-                           f"({got} bytes, expected {size}); run again to "
-                           + ("resume" if got < size else "download it afresh"))
+        raise WeightsError(f"{dest}: {'incomplete' if got < size else 'too large'} after download ({got} bytes, "
+                           f"expected {size}); run again to {'resume' if got < size else 'download it afresh'}")
     if sha is not None:
-        h = hashlib.sha256()
         with open(part, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
+            h = hashlib.file_digest(f, "sha256")
         if h.hexdigest() != sha:
             part.unlink()  # corrupt: resuming it would never fix it
             raise WeightsError(f"{dest}: sha256 mismatch (got {h.hexdigest()}, expected {sha}); "

@@ -3,20 +3,8 @@
     python eval.py --ckpt runs/demo                  # the run's latest checkpoint, on its own data
     python eval.py --ckpt runs/fashion_woman/step_001000 --data fashion_woman
 
-Each metric is computed for the model the run started from ("pretrained") and for the
-checkpoint, side by side, on the test split: the rows metadata.jsonl marks `test`, else a
-seeded 10% of the groups (see data.py); a data set without test rows stops with a message.
-FD and collapse need at least 2 images (a covariance, a pair), so --n and the test split too:
-- I→T / T→I Recall@1/5/10 (%), each model's own CLIP. A retrieved caption counts as correct
-  when its text equals the query's (small datasets repeat captions).
-- CLIP score: 100 · cos(image, prompt) of images generated from test captions, clamped at 0,
-  judged by the *pretrained* CLIP (the start model's: for a tiny run, its initial weights),
-  so a run cannot raise its own score by bending its CLIP.
-- FD: Fréchet distance between the judge's image features of generated and real test images
-  (FID's formula on CLIP features; biased upward for few images, so compare equal --n only).
-- Collapse, three views of the test images' embeddings under each model's CLIP: their mean pairwise
-  cosine (fine-tuning on a small dataset pushes it up: everything looks alike to the model), their
-  effective rank (RankMe: how many directions they use) and their uniformity on the sphere.
+The model the run started from ("pretrained") and the checkpoint side by side, on the test split (see data.py).
+CLIP score and FD are judged by the *pretrained* CLIP, so a run cannot raise its own score by bending its CLIP.
 """
 import argparse
 import math
@@ -81,9 +69,8 @@ def clip_score(img, txt):
 
 
 def frechet(a, b):
-    """Fréchet distance between Gaussians fitted to feature sets a (N, D) and b (M, D), in float64.
-
-    ‖μa − μb‖² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½ (symmetric form: eigh, no scipy)."""
+    """FID's formula on features a (N, D), b (M, D): ‖μa − μb‖² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½, float64."""
+    # Biased upward for few images: compare runs at equal --n only.
     a, b = a.double(), b.double()
     mu_a, mu_b, ca, cb = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
     w, v = torch.linalg.eigh(ca)
@@ -99,16 +86,14 @@ def collapse(img):
 
 
 def rankme(img):
-    """Effective rank of embeddings (N, D) (RankMe, Garrido et al. 2023): exp of the entropy of the normalised
-    singular values; D when every direction is used alike, 1 when all embeddings lie on one line."""
+    """Effective rank (RankMe, Garrido et al. 2023): exp of the entropy of the normalised singular values of (N, D)."""
     s = torch.linalg.svdvals(img.double())
     p = s / s.sum() + 1e-12
     return (-(p * p.log()).sum()).exp().item()
 
 
 def uniformity(img):
-    """log mean exp(−2 ‖x_i − x_j‖²) over pairs i ≠ j of normalised embeddings (Wang & Isola 2020): lower is
-    more uniform on the sphere; 0 when all coincide."""
+    """log mean exp(−2 ‖x_i − x_j‖²) over pairs i ≠ j (Wang & Isola 2020): lower is more uniform on the sphere."""
     d2 = torch.cdist(img.double(), img.double()).pow(2)
     off = ~torch.eye(len(img), dtype=torch.bool)
     return torch.logsumexp(-2 * d2[off], 0).item() - math.log(off.sum().item())
@@ -147,10 +132,8 @@ ROWS = [("I→T R@1", "i2t_r1", "{:.1f}"), ("I→T R@5", "i2t_r5", "{:.1f}"), ("
 
 def table(columns):
     """columns: {header: row dict} -> a Markdown table."""
-    lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, key, f in ROWS:
-        lines.append(f"| {name} | " + " | ".join(f.format(c[key]) for c in columns.values()) + " |")
-    return "\n".join(lines)
+    rows = [f"| {name} | " + " | ".join(f.format(c[key]) for c in columns.values()) + " |" for name, key, f in ROWS]
+    return "\n".join(["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|", *rows])
 
 
 def parse_args(argv=None):

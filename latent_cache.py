@@ -1,11 +1,7 @@
-"""The latent cache of train.py --cache-latents: the training set as the frozen networks see it, stored once.
+"""train.py --cache-latents: the training set as the frozen networks see it (unidiff.Encoded), stored once.
 
-Row i holds image i as UniDiff.encode makes it (unidiff.Encoded): the frozen VAE's posterior, mean and
-log-variance, and CLIP's view of the image, in the precision the step computes them in. A step on the cache
-is then the step on the pixels without the VAE encoder: z0 is still drawn from the posterior, with the same
-draws. One safetensors file per (data, resolution, VAE, CLIP's input size, precision), named by a hash of the
-five: a run that changes any of them gets a new file, never a stale one. The rows are written in place, so no
-tensor is ever whole in memory and each DDP rank writes its own share; they are read from a memory map.
+One safetensors file per (data, resolution, VAE, CLIP's input size, precision), named by their hash, so never a stale
+one. Rows are written in place (each DDP rank its share; no tensor ever whole in memory) and read from a memory map.
 """
 import hashlib
 import json
@@ -40,8 +36,7 @@ def cache_file(folder, name, dataset, res, model, dtype):
 
 
 def data_key(dataset):
-    """What decides the images and captions: a folder's files (name, caption, size, modification time), or a
-    synthetic set's recipe (split, size, seed)."""
+    """What decides the items: a folder's files (name, caption, size, mtime), or a synthetic set's recipe."""
     if isinstance(dataset, FolderDataset):
         files = [(name, text, os.stat(dataset.root / name)) for name, text in dataset.items]
         return [(name, text, s.st_size, s.st_mtime_ns) for name, text, s in files]
@@ -49,8 +44,7 @@ def data_key(dataset):
 
 
 def layout(shapes, dtype):
-    """A safetensors file of the tensors {name: (N, ...)} in `dtype`: its header, and where each tensor's rows
-    are -> (header bytes, {name: (file offset of row 0, bytes per row)})."""
+    """Tensors {name: (N, ...)} in `dtype` -> (safetensors header bytes, {name: (offset of row 0, bytes per row)})."""
     header, where, offset = {}, {}, 0
     for name, shape in shapes.items():
         row = dtype.itemsize * math.prod(shape[1:])
@@ -65,11 +59,9 @@ def layout(shapes, dtype):
 
 def create(path, shapes, dtype):
     """The file of layout(shapes, dtype) at full size, its rows zero until written."""
-    head, where = layout(shapes, dtype)
-    end = max(o + row * shapes[name][0] for name, (o, row) in where.items())
     with open(path, "wb") as f:
-        f.write(head)
-        f.truncate(end)
+        f.write(layout(shapes, dtype)[0])
+        f.truncate(f.tell() + dtype.itemsize * sum(map(math.prod, shapes.values())))
 
 
 def write_rows(f, where, start, encoded, dtype):
@@ -81,8 +73,7 @@ def write_rows(f, where, start, encoded, dtype):
 
 
 class CachedSet(Dataset):
-    """The training set read from its cache file: item i -> (image i Encoded, each tensor without a batch
-    dimension; caption i). A loader stacks items into an Encoded batch, which UniDiff.losses takes."""
+    """The training set from its cache file: item i -> (image i Encoded, without a batch dimension; caption i)."""
 
     def __init__(self, path, captions):
         self.path, self.captions, self.file = str(path), captions, None
@@ -97,9 +88,7 @@ class CachedSet(Dataset):
 
 
 def cached_training_set(model, train_set, data, res, run, micro, d, say, workers):
-    """--cache-latents: the training set read from its cache in latent-cache/ beside the run folder, shared by the
-    runs there. Without one for this data, resolution, VAE, CLIP input and precision, it is made first: each DDP
-    rank (`d`) encodes its share of the rows into one file, renamed into place when complete."""
+    """The training set from its cache in latent-cache/ beside the run folder, made first if missing."""
     # autocast's precision (runs.autocast): the VAE's last layer and CLIP's first compute in it, so nothing is lost
     dtype = torch.bfloat16 if d.cuda else torch.float32
     folder, name, n = run.parent / "latent-cache", Path(data).name, len(train_set)
@@ -138,8 +127,7 @@ def cached_training_set(model, train_set, data, res, run, micro, d, say, workers
 
 
 def encode_share(model, train_set, tmp, shapes, dtype, micro, d, say, workers):
-    """This rank's rows of the cache, written into `tmp`; returns how many images, over all ranks, could not be
-    read (a folder's unreadable image comes back as the next one, with its caption: not row i's pair)."""
+    """This rank's rows written into `tmp` -> how many images, over all ranks, could not be read (caption mismatch)."""
     n, captions = len(train_set), train_set.captions
     _, where = layout(shapes, dtype)
     lo, hi = d.rank * n // d.world, (d.rank + 1) * n // d.world  # this rank's rows

@@ -1,21 +1,12 @@
 """Run folders: what train.py writes, and sample.py and eval.py read back; and stopping a run cleanly.
 
-    runs/demo/
-        run.json            the model the run started from (eval.py's pretrained side and judge) and its arguments
-        init/               tiny runs only: the random initial weights, that start
-        samples/            a PNG grid per validation
-        step_000500/        a checkpoint, complete on its own:
-            unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json   a diffusers folder
-            clip/           a transformers CLIPModel folder (see UniDiff.save)
-            live.safetensors        with --ema only: the model folders hold the EMA, this the trained weights
-            lora.safetensors        with --lora: the UNet's and text encoder's adapters (kohya's layout, merged
-                                    into the model folders), lora_vision.safetensors the vision tower's, and
-                                    base_weights.safetensors the adapted layers' weights before merging (--resume)
-            optimizer.safetensors   AdamW's moments, by parameter name
-            state.json      step, data position, arguments
+    runs/demo/  run.json (the start model and the arguments), init/ (a tiny run's initial weights), samples/
+        step_000500/  a checkpoint: a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), clip/ (a
+            transformers CLIPModel), live.safetensors (--ema: the trained weights; the folders hold the EMA),
+            lora.safetensors and lora_vision.safetensors (--lora: save_lora) with base_weights.safetensors,
+            optimizer.safetensors (AdamW's moments), state.json (step, args)
 
-Nothing is pickled. A checkpoint is written to a hidden temp folder, then renamed: a kill or a full
-disk while saving leaves the previous one as it was.
+Nothing is pickled; a checkpoint is written to a hidden temp folder, then renamed (a kill leaves the last one whole).
 """
 import json
 import os
@@ -50,8 +41,7 @@ def fmt_time(s):
 
 
 class StopSignal:
-    """Ctrl-C or SIGTERM (schedulers, torchrun) inside: finish the step, save, exit; a second one exits at once.
-    The ranks agree after every step (torchrun kills them 30 s after forwarding the signal)."""
+    """Ctrl-C or SIGTERM inside: finish the step, save, exit (all ranks agree); a second one exits at once."""
 
     def __init__(self, ddp, say):
         self.signum, self.say = 0, say  # the first signal's number, 0 until one comes
@@ -132,9 +122,7 @@ def check_size(model, width, height):
 
 
 def load_model(path, weights=None):
-    """(UniDiff, checkpoint folder, "ema" or "live") for a run folder or a checkpoint. `weights`: "ema",
-    "live", or None: what its model folders hold (the EMA when the run had --ema; `live.safetensors` then
-    holds the trained weights)."""
+    """(UniDiff, checkpoint folder, "ema" or "live") for a run or checkpoint folder; `weights` None: the folders'."""
     ckpt = latest_checkpoint(path)
     live = ckpt / "live.safetensors"
     if weights == "ema" and not live.is_file():
@@ -159,8 +147,7 @@ def load_params(model, tensors):
 
 
 def save_start(run, model, start, args):
-    """Write `run.json`: where the run starts (`start`; a random start's weights go into `run/init/`) and
-    its arguments."""
+    """Write `run.json`: where the run starts (a random start's weights go into `run/init/`) and its arguments."""
     run.mkdir(parents=True, exist_ok=True)
     if "init" in start:  # a tiny run's start: keep it with the run, it is the run's "pretrained" model
         shutil.rmtree(run / start["init"], ignore_errors=True)
@@ -172,8 +159,7 @@ def load_start(run):
     """The model a run started from (eval.py's pretrained side and CLIP-score judge), and its name."""
     run = Path(run)
     if not (run / "run.json").is_file():
-        raise RunError(f"{run}/run.json not found: it records the model the run started from (the pretrained "
-                       "side of the table and the CLIP-score judge); pass a checkpoint inside its run folder")
+        raise RunError(f"{run}/run.json not found: it names the model the run started from; pass a run's checkpoint")
     start = json.loads((run / "run.json").read_text())["start"]
     if "weights" in start:  # a tiny run from saved weights (the demo: the shipped pretrained tiny model)
         return UniDiff.from_pretrained(run / start["init"]), f"pretrained {start['model']} ({start['weights']})"
@@ -185,10 +171,7 @@ def load_start(run):
 # ------------------------------------------------------------------------------ checkpoints
 
 def save_checkpoint(run, step, model, named, opt, ema, state):
-    """Write `run/step_XXXXXX/` atomically: into a hidden temp folder, renamed when complete. The model
-    folders (what diffusers, transformers and ComfyUI open) hold the EMA weights when there are some, as
-    sample.py and eval.py use by default; `live.safetensors` then holds the trained ones (for --resume).
-    With LoRA adapters (`model.lora`), the model folders hold them merged, and the lora files hold them apart."""
+    """Write `run/step_XXXXXX/` atomically; the model folders hold the EMA if any, and LoRA adapters merged."""
     final, tmp = run / f"step_{step:06d}", run / f".step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -205,33 +188,29 @@ def save_checkpoint(run, step, model, named, opt, ema, state):
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
         if isinstance(e, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
             prev = checkpoints(run)
-            raise RunError(f"could not write checkpoint {final} ({getattr(e, 'strerror', None) or e}); nothing was lost: "
-                           + (f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint")
-                           + ". Free some disk space and --resume.") from None
+            kept = f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint"
+            raise RunError(f"could not write checkpoint {final} ({getattr(e, 'strerror', None) or e}); nothing was "
+                           f"lost: {kept}. Free some disk space and --resume.") from None
         raise
     return final
 
 
 def load_checkpoint(ckpt, model, named, opt):
-    """Resume from `ckpt` into a model loaded from it: the trained weights (when its model folders hold
-    the EMA) and AdamW's state. Returns the step to continue from."""
+    """The trained weights (if the folders hold the EMA) and AdamW's state into a model loaded from `ckpt`; -> step."""
     if (ckpt / "live.safetensors").is_file():
         load_params(model, read_safetensors(ckpt / "live.safetensors"))
     tensors = read_safetensors(ckpt / "optimizer.safetensors")
     state = {}
     for i, (name, _) in enumerate(named):  # state_dict() numbers the parameters in group order, as `named`
-        keys = [k for k in ("step", "exp_avg", "exp_avg_sq") if f"{name}.{k}" in tensors]
-        if keys:
-            state[i] = {k: tensors[f"{name}.{k}"] for k in keys}
+        if s := {k: tensors[f"{name}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq") if f"{name}.{k}" in tensors}:
+            state[i] = s
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     return read_state(ckpt)["step"]
 
 
 def save_lora(adapters, base, folder):
-    """The adapters in kohya's layout: `lora.safetensors` the UNet's and text encoder's (what A1111, ComfyUI and
-    diffusers' load_lora_weights read), `lora_vision.safetensors` the CLIP vision tower's (no SD tool has one);
-    `base_weights.safetensors` the adapted layers' weights {name: W} before merging: --resume goes on from them
-    (no "lora" in its name: it is no adapter, and tools take *lora*.safetensors for one)."""
+    """kohya's layout: `lora` (UNet, text encoder), `lora_vision` (CLIP's); `base_weights` holds the adapted layers'
+    weights before merging, for --resume (no "lora" in its name: tools take *lora*.safetensors for adapters)."""
     sd = adapters.state_dict()
     vision = {k: v for k, v in sd.items() if k.startswith("lora_clip_")}
     for file, tensors in (("lora", {k: v for k, v in sd.items() if k not in vision}), ("lora_vision", vision),
@@ -253,11 +232,8 @@ def load_lora(ckpt, adapters):
 
 def optimizer_tensors(opt, named):
     """AdamW's state as flat named tensors (`<param>.exp_avg`, ...): safetensors, not a pickle."""
-    out = {}
-    for name, p in named:
-        for k, v in opt.state.get(p, {}).items():
-            out[f"{name}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return out
+    return {f"{name}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
+            for name, p in named for k, v in opt.state.get(p, {}).items()}
 
 
 @contextmanager

@@ -1,11 +1,7 @@
-"""Text to image with a trained run: DDIM + classifier-free guidance, saved as one PNG grid.
+"""Text to image with a trained run: DDIM + classifier-free guidance, one PNG grid, a row per prompt.
 
     python sample.py --ckpt runs/demo --prompt "a red striped dress" --prompt "a pair of blue shoes"
     python sample.py --ckpt runs/fashion_woman/step_001000 --prompt "..." --n 4 --steps 50 --out grid.png
-
-One row per prompt, `--n` images each. `--ckpt` is a run folder (its latest checkpoint) or one
-checkpoint folder; a checkpoint trained with --ema samples with its EMA weights (`--weights live`:
-the trained weights themselves).
 """
 import argparse
 import sys
@@ -14,7 +10,7 @@ from pathlib import Path
 import torch
 
 from data import parse_res
-from runs import RunError, autocast, check_size, latest_checkpoint, load_model, read_state, save_grid
+from runs import RunError, autocast, check_size, load_model, read_state, save_grid
 from weights import WeightsError
 
 
@@ -39,9 +35,8 @@ def main(argv=None):
         if getattr(args, side) is not None and getattr(args, side) < 1:
             p.error(f"--{side} {getattr(args, side)}: pixels, at least 1 (default: the run's training resolution)")
     try:
-        ckpt = latest_checkpoint(args.ckpt)
+        model, ckpt, weights = load_model(args.ckpt, args.weights)
         W, H = parse_res(read_state(ckpt)["args"]["res"])  # (W, H) the run trained at
-        model, _, weights = load_model(ckpt, args.weights)
         w, h = args.width or W, args.height or H
         check_size(model, w, h)
     except (WeightsError, RunError) as e:

@@ -1,9 +1,6 @@
-"""The original single-file Stable Diffusion layout (CompVis LDM keys; what ComfyUI and A1111 read)
-<-> the diffusers / transformers names our models use.
+"""The original single-file SD layout (CompVis keys; what ComfyUI and A1111 read) <-> our diffusers names.
 
-One table of (diffusers prefix, original prefix) pairs per model, built from the block structure and
-used in both directions: a key is renamed by its longest matching prefix (keys that match none are the
-same in both layouts).
+One table of (diffusers prefix, original prefix) pairs per model, used both ways: longest matching prefix wins.
 """
 import json
 
@@ -80,8 +77,7 @@ def vae_attn_shape(sd, conv):
 
 
 def to_single_file(unet, vae, clip):
-    """One state dict in the original SD 1.x layout: model.diffusion_model.*, first_stage_model.*,
-    cond_stage_model.transformer.text_model.*."""
+    """One state dict in the original SD 1.x layout: model.diffusion_model, first_stage_model, cond_stage_model."""
     c = unet.cfg
     u = rename(unet.state_dict(), unet_names(len(c.block_out_channels), c.layers_per_block, c.cross_attn), True)
     v = rename(vae.state_dict(), vae_names(len(vae.cfg.block_out_channels), vae.cfg.layers_per_block), True)
@@ -92,9 +88,8 @@ def to_single_file(unet, vae, clip):
 
 
 def load_single_file(path):
-    """An original-layout SD 1.x .safetensors -> (UNet, VAE, CLIP text encoder, scheduler config), configs inferred
-    from the shapes; the scheduler config from the header (UniDiff.save writes it), else {} (SD 1.x: ε).
-    EMA copies (model_ema.*) and the schedule buffers are not read."""
+    """An original-layout SD 1.x .safetensors -> (UNet, VAE, CLIP text encoder, scheduler config from the header,
+    which UniDiff.save writes, else {}: SD 1.x is ε); EMA copies and buffers unread."""
     sd = read_safetensors(path)
     with safe_open(str(path), "pt") as f:
         sched = json.loads((f.metadata() or {}).get(SCHEDULER_KEY, "{}"))

@@ -1,12 +1,10 @@
 """Stable Diffusion's denoising UNet (diffusers' UNet2DConditionModel for SD 1.x and 2.x) on one page.
 
-Module attribute names equal diffusers' checkpoint keys (down_blocks.0.attentions.0.transformer_blocks.0.
-attn1.to_q.weight, ...), so `unet/diffusion_pytorch_model.safetensors` loads with a strict
-load_state_dict. The whole forward pass is UNet.forward: down levels push skips, up levels pop them.
-The modules need only torch and einops; the config and loaders at the end read files through weights.py.
+Attribute names are diffusers' checkpoint keys: `unet/diffusion_pytorch_model.safetensors` loads strictly, unrenamed.
+The whole forward pass is UNet.forward. The modules need only torch and einops; the loaders use weights.py.
 """
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -160,8 +158,7 @@ class Transformer(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution level: resnets, a transformer after each (None: resnets only), then a downsampler
-    or upsampler (None where the level has none), each in a list as diffusers' keys are."""
+    """One resolution level: resnets, maybe a transformer after each, maybe a down- or upsampler (lists: the keys)."""
 
     def __init__(self, resnets, attentions=None, down=None, up=None):
         super().__init__()
@@ -201,7 +198,7 @@ class UNet(nn.Module):
         self.grad_ckpt = False  # recompute each resnet/transformer in backward (saves activation memory)
 
     def forward(self, x, t, context):
-        """Noisy latents (B, 4, h, w), timesteps (B,) or scalar, text states (B, 77, D) -> predicted noise (B, 4, h, w)."""
+        """Noisy latents (B, 4, h, w), timesteps (B,) or scalar, text states (B, 77, D) -> noise (B, 4, h, w)."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         temb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(x.dtype))  # (B, 4*C0)
         ck = self.grad_ckpt
@@ -256,16 +253,11 @@ class UNetConfig:
 
     def to_json(self):
         """diffusers' UNet2DConditionModel config.json, so a saved folder opens with from_pretrained."""
-        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.cross_attn]
-        up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.cross_attn)]
-        heads = list(self.num_heads) if isinstance(self.num_heads, (list, tuple)) else self.num_heads
-        return {"_class_name": "UNet2DConditionModel", "in_channels": self.in_channels,
-                "out_channels": self.out_channels, "block_out_channels": list(self.block_out_channels),
-                "down_block_types": down, "up_block_types": up, "layers_per_block": self.layers_per_block,
-                "attention_head_dim": heads, "cross_attention_dim": self.cross_attention_dim,
-                "use_linear_projection": self.use_linear_projection, "upcast_attention": self.upcast_attention,
-                "norm_num_groups": self.norm_num_groups, "norm_eps": self.norm_eps,
-                "sample_size": self.sample_size, **FIXED}
+        d = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in asdict(self).items()}
+        heads, cross = d.pop("num_heads"), d.pop("cross_attn")
+        return {"_class_name": "UNet2DConditionModel", **d, "attention_head_dim": heads, **FIXED,
+                "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cross],
+                "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cross)]}
 
     @classmethod
     def from_json(cls, d):
@@ -313,7 +305,8 @@ def infer_config(sd):
         ch = tuple(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(n))
         cfg = UNetConfig(
             in_channels=sd["conv_in.weight"].shape[1], out_channels=sd["conv_out.weight"].shape[0],
-            block_out_channels=ch, cross_attn=tuple(f"down_blocks.{i}.attentions.0.norm.weight" in sd for i in range(n)),
+            block_out_channels=ch,
+            cross_attn=tuple(f"down_blocks.{i}.attentions.0.norm.weight" in sd for i in range(n)),
             layers_per_block=1 + max(int(k.split(".")[3]) for k in sd if k.startswith("down_blocks.0.resnets.")),
             cross_attention_dim=sd["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape[1],
             use_linear_projection=sd["mid_block.attentions.0.proj_in.weight"].ndim == 2)
@@ -331,8 +324,6 @@ def infer_config(sd):
 
 def load_unet(path):
     """A UNet2DConditionModel safetensors file, or the folder holding it (config.json beside it is used if present)."""
-    path = find_weights(path, ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                               "unet/diffusion_pytorch_model.safetensors",
-                               "unet/diffusion_pytorch_model.fp16.safetensors"])
+    path = find_weights(path, ["diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"])
     cfg = read_config(path)
     return UNet.from_state_dict(read_safetensors(path), UNetConfig.from_json(cfg) if cfg else None, source=str(path))

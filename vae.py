@@ -1,9 +1,7 @@
 """Stable Diffusion's autoencoder (diffusers' AutoencoderKL), small enough to read in one sitting.
 
-Module attribute names equal diffusers' checkpoint keys (encoder.down_blocks.0.resnets.0.conv1.weight,
-encoder.mid_block.attentions.0.to_q.weight, ...), so `vae/diffusion_pytorch_model.safetensors`
-loads with a strict load_state_dict and no renaming. The modules need only torch and einops; the
-config and loaders at the end read files through weights.py.
+Attribute names are diffusers' checkpoint keys: `vae/diffusion_pytorch_model.safetensors` loads strictly, unrenamed.
+The modules need only torch and einops; the config and loaders at the end read files through weights.py.
 """
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -214,7 +212,7 @@ def _aslist(v):  # config.json has lists, a live diffusers config may hold tuple
 
 PRESETS = {
     "sd": VAEConfig(),  # SD 1.x and 2.x share this autoencoder
-    "tiny": VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),  # CPU-sized, 2x down
+    "tiny": VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),  # CPU, 2x
 }
 
 
@@ -243,7 +241,7 @@ def infer_config(sd):
                         latent_channels=sd["post_quant_conv.weight"].shape[0],
                         block_out_channels=ch, layers_per_block=layers)
     except (KeyError, ValueError) as e:
-        raise WeightsError(f"cannot infer a VAE config from these tensors (no {e}); is this an AutoencoderKL?") from None
+        raise WeightsError(f"cannot infer a VAE config from these tensors (no {e}); an AutoencoderKL?") from None
     # GroupNorm's group count is not stored: a preset of the same shapes gives it, else SD's 32.
     shape = ("in_channels", "latent_channels", "block_out_channels", "layers_per_block")
     return next((p for p in PRESETS.values() if all(getattr(p, f) == getattr(cfg, f) for f in shape)), cfg)
@@ -251,8 +249,7 @@ def infer_config(sd):
 
 def load_vae(path):
     """An AutoencoderKL safetensors file, or the folder holding it (config.json beside it is used if present)."""
-    path = find_weights(path, ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                               "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"])
+    path = find_weights(path, ["diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"])
     cfg = read_config(path)
     return VAE.from_state_dict(read_safetensors(path), VAEConfig.from_json(cfg) if cfg else None, source=str(path))
 
@@ -261,9 +258,7 @@ PROGRESS_EVERY = 5  # seconds between progress lines of the fit
 
 
 def fit_vae(vae, dataset, steps, seed, say, batch=16, lr=3e-3):
-    """Fit a random (tiny) VAE as an autoencoder: SD's VAE comes pretrained, and a random decoder
-    would turn every latent, however well the UNet learns, into noise. Then, as SD did, set its
-    scaling factor so the latents the UNet sees have unit variance. Deterministic in `seed`."""
+    """Fit a random (tiny) VAE as an autoencoder, then set its scaling factor for unit-variance latents, as SD did."""
     if not steps:
         return
     H, W = dataset[0][0].shape[-2:]

@@ -1,8 +1,6 @@
 """Reading weights: safetensors only, loaded strictly, with errors that name the tensors.
 
-Every loader in the project (clip.py, vae.py, unet.py, unidiff.py) goes through here, so a
-pickle is never unpickled and a wrong checkpoint always fails the same, readable way.
-Fetching the pretrained weights is download.py's.
+Every loader goes through here, so a pickle is never unpickled and a wrong checkpoint fails the same, readable way.
 """
 import json
 from pathlib import Path
@@ -17,8 +15,8 @@ class WeightsError(ValueError):
 
 
 def find_weights(path, names):
-    """`path` is a safetensors file, or a folder holding one of `names` (tried in order)."""
-    path = Path(path)
+    """`path` is a safetensors file, or a folder holding one of `names` or its .fp16 variant (tried in order)."""
+    path, names = Path(path), [v for n in names for v in (n, n.replace(".safetensors", ".fp16.safetensors"))]
     if path.is_dir():
         for name in names:
             if (path / name).is_file():
@@ -84,8 +82,7 @@ def save_safetensors(sd, path, metadata=None):
 
 
 def save_model(folder, file, sd, config):
-    """`folder/file`, the tensors `sd`, beside `config.json`, the dict `config`: the folder layout of diffusers and
-    transformers."""
+    """`folder/file` (the tensors `sd`) beside `config.json`: the folder layout of diffusers and transformers."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(sd, folder / file, metadata={"format": "pt"})
