@@ -64,6 +64,9 @@ class Config:
                           "slower)")
     # EMA weights lag the live ones by ~1/(1-decay) steps: worth it only in long runs
     ema: float = opt(0.0, "EMA decay of the trained weights, e.g. 0.9999 ({default}: no EMA)")
+    # WiSE-FT (Wortsman et al. 2022): a fine-tune averaged with its start keeps more of what the start knew
+    wise_ft: float = opt(1.0, "checkpoints and validation hold (1 − α) θ₀ + α θ, the start's and the trained weights "
+                         "(WiSE-FT;\n{default}: the trained ones); training goes on from θ (in live.safetensors)")
     # AdamW's second moments are estimated from a few steps at first: small steps until they settle
     warmup: int = opt(100, "linear warm-up steps before the cosine decay ({default})")
     compile: bool = opt(False, "torch.compile each network (UniDiff.compile); minutes of compiling first")
@@ -155,6 +158,7 @@ RANGES = [
     ("rsc_t_max", lambda v: 1 <= v <= 1000, "RSC uses the timesteps below it, from 1 to 1000 (the schedule's "
                                             "timesteps; 1000: all)"),
     ("l2sp", lambda v: v >= 0, "the L2-SP weight, at least 0 (0: off)"),  # below 0 pushes away from the start
+    ("wise_ft", lambda v: 0 <= v <= 1, "WiSE-FT's α, from 0 (the start's weights) to 1 (the trained ones)"),
     ("max_grad_norm", lambda v: v >= 0, "the norm the gradient is clipped to, at least 0 (0: no clipping)"),
     ("workers", lambda v: v >= 0, "data loader processes per rank, at least 0 (0: load in the training process)"),
     ("vae_steps", lambda v: v >= 0, "steps fitting the tiny VAE, at least 0"),
@@ -207,6 +211,8 @@ def check(cfg, given, error):
         error(f"--lora-alpha {given['lora_alpha']:g}: scales LoRA's adapters; give --lora RANK too")
     if "ood_data" in given and not cfg.eval_every:  # else never opened: a typo in it would pass unsaid
         error(f"--ood-data {given['ood_data']}: measured at each validation, and --eval-every 0 has none")
+    if cfg.wise_ft < 1 and (cfg.ema or cfg.lora):  # the checkpoint has room for one set of weights besides the live
+        error("--wise-ft with --ema or --lora: choose one way of averaging the weights")
     if cfg.l2sp and cfg.lora:  # the adapters have no start weights to be pulled towards
         error("--l2sp with --lora: LoRA already keeps the base weights; use one or the other")
     if not (cfg.lambda_itc or cfg.lambda_is or cfg.lambda_rsc):

@@ -100,12 +100,13 @@ def train(cfg):
     net = wrap(model, cfg.compile, cfg.lambda_itc and cfg.lambda_is and cfg.lambda_rsc, d)
     batches = iter(make_loader(train_set, micro, seen, cfg.seed, cfg.workers, d))
     losses_kw = dict(cfg.losses_kw(), anchor=start and start.clip)
-    start_params = [start.get_parameter(n) for n, _ in named] if cfg.l2sp else None  # L2-SP's θ₀
+    start_params = [start.get_parameter(n) for n, _ in named] if cfg.l2sp or cfg.wise_ft < 1 else None  # θ₀
+    shown = lambda: wise_ft(params, start_params, cfg.wise_ft) if cfg.wise_ft < 1 else ema  # saved and validated
 
     with StopSignal(d.ddp, say) as stop:
         first = last = None  # the validations' retrieval, for the summary line
         if step == 0 and cfg.eval_every:
-            first = validate(model, params, ema, test_set, ood_set, step, run, cfg.res, d)
+            first = validate(model, params, shown(), test_set, ood_set, step, run, cfg.res, d)
         progress = Progress(d.device, cfg.steps, cfg.batch_size)
         while step < cfg.steps:
             factor = lr_factor(step, cfg.warmup, cfg.steps)
@@ -117,7 +118,7 @@ def train(cfg):
             skipped = optimizer_step(opt, params, ema, step, cfg.max_grad_norm, cfg.ema, start_params, cfg.l2sp)
             step, seen = step + 1, seen + cfg.batch_size
             if progress.add(losses, skipped) >= MAX_SKIPS:  # the skipped steps left the weights as they were
-                save(model, named, opt, ema, step, seen, run, cfg, d)
+                save(model, named, opt, shown(), step, seen, run, cfg, d)
                 raise RunError(f"the gradient was not finite at each of the last {MAX_SKIPS} steps (up to step {step});"
                                f" they were skipped, so the weights are intact: saved in {run / f'step_{step:06d}'} "
                                f"(--resume {run}). Try lower learning rates (--lr-unet/--lr-clip) or --max-grad-norm.")
@@ -128,13 +129,13 @@ def train(cfg):
                 continue
             say(progress.sync(step, factor, run, d))  # raises if the loss went bad
             if stopping:
-                save(model, named, opt, ema, step, seen, run, cfg, d)
+                save(model, named, opt, shown(), step, seen, run, cfg, d)
                 say(f"stopped at step {step}: continue with  {resume_command(d)} --resume {run}")
                 return 128 + stopping  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
             if at_eval:
-                last = validate(model, params, ema, test_set, ood_set, step, run, cfg.res, d)
+                last = validate(model, params, shown(), test_set, ood_set, step, run, cfg.res, d)
             if at_save:
-                save(model, named, opt, ema, step, seen, run, cfg, d)
+                save(model, named, opt, shown(), step, seen, run, cfg, d)
             progress.t_line = time.time()  # validating and saving are not training time
     samples = f", samples in {run / 'samples'}/" if (run / "samples").is_dir() else ""  # none without validation
     say(f"done: {step} steps; checkpoints in {run}/{samples}")
@@ -300,12 +301,17 @@ def build_model(name, weights, seed, res, vae_steps, train_set, d):
 
 
 def frozen_start(cfg, ckpt, model, run, d):
-    """θ₀, the frozen start that L2-SP and anchored RSC hold the run near (None when neither is on): a copy of the new
-    run's start, or on --resume the start the run recorded."""
-    if not (cfg.l2sp or cfg.lambda_rsc and cfg.rsc_form == "anchored"):
+    """θ₀, the frozen start of L2-SP, anchored RSC and WiSE-FT (None when none is on): a copy of the new run's start,
+    or on --resume the start the run recorded."""
+    if not (cfg.l2sp or cfg.wise_ft < 1 or cfg.lambda_rsc and cfg.rsc_form == "anchored"):
         return None
     start = copy.deepcopy(model) if ckpt is None else load_start(run)[0]
     return start.to(d.device).requires_grad_(False).eval()
+
+
+def wise_ft(params, start_params, alpha):
+    """WiSE-FT (Wortsman et al. 2022): the start's and the trained weights interpolated, (1 − α) θ₀ + α θ."""
+    return [torch.lerp(p0.float(), p.detach().float(), alpha) for p0, p in zip(start_params, params)]
 
 
 def add_adapters(model, parts, rank, alpha, seed, ckpt):
@@ -515,14 +521,15 @@ def stopped(run, what):
 
 # ------------------------------------------------------------------------------ validation, checkpoints
 
-def validate(model, params, ema, test_set, ood_set, step, run, res, d):
+def validate(model, params, shown, test_set, ood_set, step, run, res, d):
     """Test retrieval (and out of domain, with --ood-data) and a grid of samples from test captions: rows of
-    real images, the start model's samples (drawn at step 0) and the current model's; the EMA weights if any.
+    real images, the start model's samples (drawn at step 0) and the current model's; `shown`: the weights checkpoints
+    hold (EMA, WiSE-FT) if not the trained ones.
     Returns {split name: retrieval} on rank 0."""
     found = {}
     if d.master:
         model.eval()
-        with swap_in(params, ema), autocast(d.device):
+        with swap_in(params, shown), autocast(d.device):
             picks = distinct(test_set.captions, SAMPLE["n"])
             vision = model.clip.vision_model is not None  # retrieval embeds images: a text encoder alone only samples
             say(f"step {step} | validation: " + (f"embedding {len(test_set)} test pairs, then " if vision else "")
@@ -530,7 +537,7 @@ def validate(model, params, ema, test_set, ood_set, step, run, res, d):
             for name, ds in (("test", test_set), ("out of domain test", ood_set)):
                 if ds is not None and vision:
                     r = found[name] = retrieval(*embed(model, ds), ds.captions)
-                    say(f"step {step} | {name} retrieval, {len(ds)} pairs{' (EMA)' if ema else ''}: "
+                    say(f"step {step} | {name} retrieval, {len(ds)} pairs{' (saved weights)' if shown else ''}: "
                         f"I→T R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} | "
                         f"T→I {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f} | chance R@1 {r['chance_r1']:.1f} (%)")
             real = to_uint8(torch.stack([test_set[i][0] for i in picks]))
@@ -559,16 +566,16 @@ def distinct(captions, n):
     return out
 
 
-def save(model, named, opt, ema, step, seen, run, cfg, d):
+def save(model, named, opt, shown, step, seen, run, cfg, d):
     """A checkpoint (rank 0 writes it) with the run's settings, unless the weights are not finite: then the run
     stops."""
-    tensors = [p for _, p in named] + (ema or [])  # every rank checks (the same weights), so all stop together
+    tensors = [p for _, p in named] + (shown or [])  # every rank checks (the same weights), so all stop together
     if not torch.stack([t.isfinite().all() for t in tensors]).all():
         raise stopped(run, f"the weights are not finite after step {step}")
     if d.master:
         state = {"step": step, "samples_seen": seen, "world": d.world, "args": vars(cfg),
                  "rng": "derived: a generator seeded by (seed, step, micro-step) each micro-step"}
-        say(f"step {step} | saved {save_checkpoint(run, step, model, named, opt, ema, state)}")
+        say(f"step {step} | saved {save_checkpoint(run, step, model, named, opt, shown, state)}")
     d.barrier()
 
 

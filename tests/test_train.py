@@ -97,6 +97,21 @@ def test_l2sp_and_anchored_resume_equal_straight_run(tmp_path, monkeypatch):
             assert torch.equal(p0, start[f"{file}/{key}"].float()), n
 
 
+
+def test_wise_ft_saves_the_interpolation_and_resumes_from_the_trained_weights(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    flags = TINY + ["--steps", "3", "--save-every", "3", "--wise-ft", "0.25"]
+    straight_and_interrupted(flags, tmp_path, monkeypatch)
+    assert train.main(["--resume", str(tmp_path / "b")]) == 0
+    a, b = weights(tmp_path / "a" / "step_000003"), weights(tmp_path / "b" / "step_000003")
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []  # resumed from θ, not the mix
+    start = weights(tmp_path / "a" / "init")
+    live = {k.removeprefix("live.safetensors/"): v for k, v in a.items() if k.startswith("live.")}
+    key = "unet/diffusion_pytorch_model.safetensors/conv_in.weight"
+    theta0, theta = start[key], live["unet.conv_in.weight"]
+    assert not torch.equal(theta0, theta) and torch.allclose(a[key], 0.75 * theta0 + 0.25 * theta, atol=1e-6)
+
+
 def test_lora_resume_equals_straight_run_and_checkpoint_holds_the_merge(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     flags = TINY + ["--steps", "4", "--save-every", "4", "--ema", "0.9", "--grad-accum", "2", "--lora", "2",
