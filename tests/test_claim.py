@@ -130,6 +130,10 @@ def test_ablation_reuses_a_run_that_was_resumed(tmp_path):
     assert train.main(flags) == 0
     assert train.main(["--resume", str(out), "--steps", "2"]) == 0  # state.json now holds "resume"
     assert ablation.fine_tune("ITC", 0, args) == out
+    state = json.loads((out / "step_000002" / "state.json").read_text())
+    del state["args"]["wise_ft"]  # a run saved before --wise-ft existed: it ran with its default
+    (out / "step_000002" / "state.json").write_text(json.dumps(state))
+    assert ablation.fine_tune("ITC", 0, args) == out
 
 
 def test_ablation_interrupted_says_so_and_the_rerun_measures_only_the_grid(tmp_path, monkeypatch, capsys):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import train
-from config import defaults
+from config import DEFAULTS, defaults
 from data import open_dataset
 from eval import (SAMPLE, clip_score, collapse, embed, embed_images, embed_texts, frechet, generate, rankme, retrieval,
                   uniformity)
@@ -69,7 +69,8 @@ def fine_tune(arm, seed, args):
              "--save-every", str(args.every), "--eval-every", "0"] + arm_flags(arm, args)
     done = checkpoints(out)
     if done:
-        saved, wanted = read_state(done[-1])["args"], vars(train.parse_args(flags))
+        # a run saved before a flag existed ran with that flag's default
+        saved, wanted = {**DEFAULTS, **read_state(done[-1])["args"]}, vars(train.parse_args(flags))
         if any(saved.get(k) != wanted[k] for k in wanted if k not in ("out", "resume")):  # where, not what
             raise SystemExit(f"{out} holds a run with other flags: pick another --out, or remove it")
         if int(done[-1].name[5:]) == args.steps:
