@@ -40,8 +40,8 @@ class Config:
     seed: int = opt(0, "seed of the data order, noise and (tiny) the initial weights ({default})")
     lambda_itc: float = opt(1.0, "weight of the image-text contrastive loss ({default})")
     lambda_is: float = opt(1.0, "weight of the image-synthesis (diffusion) loss ({default})")
-    # at 1, RSC pulls the demo's embeddings together (docs/results.md)
-    lambda_rsc: float = opt(0.1, "weight of the reciprocal semantic consistency loss ({default})")
+    # off: in no form we tried did RSC keep more of what the model knew (docs/results.md, the forgetting study)
+    lambda_rsc: float = opt(0.0, "weight of the reciprocal semantic consistency loss ({default}; e.g. 0.1)")
     # at high noise the one-step estimate of the image is a blur, with little for CLIP to read
     rsc_t_max: int = opt(500, "RSC uses the samples with timestep t < this ({default})")
     snr_gamma: float = opt(None, "min-SNR-γ weighting of the diffusion loss, e.g. 5 (default: none, the plain MSE)")
@@ -52,7 +52,8 @@ class Config:
                         choices=["kl", "kl-one-way", "feature", "relational", "anchored"])
     is_detach_text: bool = opt(False, "the diffusion loss trains the UNet alone: no gradient into the shared text "
                                "tower")
-    l2sp: float = opt(0.0, "L2-SP: λ‖θ − θ₀‖² pulls the trained weights towards the start's ({default}: off)")
+    # the forgetting study's choice: the best balance of learning the domain and keeping the rest (docs/results.md)
+    l2sp: float = opt(1.0, "L2-SP: λ‖θ − θ₀‖² pulls the trained weights towards the start's ({default}; 0: off)")
     # CLIP forgets what it knew faster than the UNet: a tenth of its learning rate
     lr_unet: float = opt(1e-5, "peak learning rate of the UNet ({default})")
     lr_clip: float = opt(1e-6, "peak learning rate of CLIP, both towers ({default})")
@@ -97,12 +98,14 @@ class Config:
 
 DEFAULTS = {f.name: f.default for f in fields(Config) if f.name != "resume"}
 # The tiny model on any data: random init (high learning rates) and CPU-sized (32 px, a few minutes).
-TINY = dict(steps=300, batch_size=32, res=32, lr_unet=2e-3, lr_clip=1e-3, save_every=100, eval_every=50, warmup=20)
+# No L2-SP: random initial weights hold nothing worth keeping.
+TINY = dict(steps=300, batch_size=32, res=32, lr_unet=2e-3, lr_clip=1e-3, save_every=100, eval_every=50, warmup=20,
+            l2sp=0.0)
 PRETRAINED_TINY = Path(__file__).resolve().parent / "assets" / "unidiff-tiny"  # made as docs/results.md says
 # The demo fine-tunes the shipped pretrained tiny model on its narrow domain and measures what it forgets of the
 # broad world it was pretrained on. It keeps the tiny learning rates: of three pairs, the best in-domain
 # validation R@1 (docs/results.md).
-DEMO = dict(weights=str(PRETRAINED_TINY), steps=200, ood_data="world")
+DEMO = dict(weights=str(PRETRAINED_TINY), steps=200, ood_data="world", l2sp=1.0)
 # The fashion presets are portrait photos (750x1101, 1080x1440): a square crop cuts off heads or shoes.
 FASHION = dict(res="512x768")  # SD 1.5's 512 wide, 2:3
 
@@ -192,6 +195,8 @@ def parse_args(argv=None):
         args["res"] = res_name(parse_res(args["res"]))
     except ValueError as e:
         p.error(f"--res: {e}")
+    if args.get("lora") and "l2sp" not in given:  # LoRA keeps the base weights itself: L2-SP's default steps aside
+        args["l2sp"] = 0.0
     cfg = Config(**args)
     check(cfg, given, p.error)
     return cfg

@@ -47,8 +47,8 @@ ARMS = {
     "ITC+IS+RSC λ=1": dict(lambda_itc=1, lambda_is=1, lambda_rsc=1.0),
     "RSC feature": dict(ITC_IS, lambda_rsc=0.1, rsc_form="feature"),  # λ: val
     "RSC relational": dict(ITC_IS, lambda_rsc=0.1, rsc_form="relational"),  # λ: val
-    "RSC anchored": dict(ITC_IS, lambda_rsc=0.1, rsc_form="anchored"),  # λ: val
-    "L2-SP": dict(ITC_IS, l2sp=0.1),  # λ: val
+    "RSC anchored": dict(ITC_IS, lambda_rsc=1, rsc_form="anchored"),  # λ: val
+    "L2-SP": dict(ITC_IS, l2sp=1),  # λ: val
     "LoRA 4": dict(ITC_IS, lora=4),
     "LoRA 16": dict(ITC_IS, lora=16),
     "small CLIP lr": dict(ITC_IS, lr_clip=1e-4),  # lr: val
@@ -86,8 +86,9 @@ def fine_tune(arm, seed, args):
 
 
 def arm_flags(arm, args):
-    """The train.py flags of an arm: the ablation's learning rates, the arm's own flags, then --flags."""
-    flags = ["--lr-unet", str(args.lr_unet), "--lr-clip", str(args.lr_clip)]
+    """The train.py flags of an arm: the ablation's learning rates, the arm's own flags, then --flags. Every arm
+    starts from the demo as the studies ran it, without L2-SP (the demo's default since the forgetting study)."""
+    flags = ["--lr-unet", str(args.lr_unet), "--lr-clip", str(args.lr_clip), "--l2sp", "0"]
     flags += ["--train-size", str(args.train_size)] if args.train_size else []
     for k, v in ARMS[arm].items():
         flags += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
