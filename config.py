@@ -1,8 +1,6 @@
 """A training run's settings: one dataclass, the presets as small dicts of overrides, the command line made from
-the fields (its help shows each preset's value), and the range checks, one line each.
-
-    cfg = parse_args(["--data", "demo", "--steps", "50"])    # Config(data='demo', model='tiny', steps=50, ...)
-"""
+the fields (its help shows each preset's value), and the range checks, one line each. For example
+parse_args(["--data", "demo", "--steps", "50"]) is Config(data='demo', model='tiny', steps=50, ...)."""
 import argparse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
