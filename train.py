@@ -7,10 +7,8 @@
 
 Settings: config.py; options, signals, resume: docs/training.md. `--batch-size` is the global batch of a step,
 split over the DDP ranks and `--grad-accum` micro-steps; the data order and each micro-step's randomness follow
-from (seed, step, micro-step), so one GPU and eight give the same run and resuming at step N continues it exactly.
-"""
+from (seed, step, micro-step), so one GPU and eight give the same run and resuming at step N continues it exactly."""
 import copy
-import dataclasses
 import hashlib
 import math
 import os
@@ -19,6 +17,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -29,7 +28,7 @@ from clip import Tokenizer
 from config import parse_args
 from data import DataError, open_dataset, parse_res
 from download import pretrained
-from eval import SAMPLE, embed, retrieval
+from eval import SAMPLE, embed, generate, retrieval
 from latent_cache import cached_training_set
 from losses import l2_sp_
 from lora import attention_lora
@@ -132,14 +131,13 @@ def summary(step, run, first, last):
     """The last lines: the run's files, and (validated at its start and end) test R@1 in its domain and out of it."""
     samples = f", samples in {run / 'samples'}/" if (run / "samples").is_dir() else ""  # none without validation
     line = f"done: {step} steps; checkpoints in {run}/{samples}"
-    if not (first and last):
-        return line
-    r1 = lambda r: (r["i2t_r1"] + r["t2i_r1"]) / 2
-    a, b = r1(first["test"]), r1(last["test"])
-    line += f"\nsummary: test R@1 (mean of I→T and T→I) in domain {a:.1f} % → {b:.1f} % ({b - a:+.1f} points)"
-    if "out of domain test" in first:
-        a, b = r1(first["out of domain test"]), r1(last["out of domain test"])
-        line += f"; out of domain {a:.1f} % → {b:.1f} %: {100 * b / max(a, 1e-9):.0f} % kept"
+    r1 = lambda split: [(r[split]["i2t_r1"] + r[split]["t2i_r1"]) / 2 for r in (first, last)]
+    if first and last:
+        a, b = r1("test")
+        line += f"\nsummary: test R@1 (mean of I→T and T→I) in domain {a:.1f} % → {b:.1f} % ({b - a:+.1f} points)"
+        if "out of domain test" in first:
+            a, b = r1("out of domain test")
+            line += f"; out of domain {a:.1f} % → {b:.1f} %: {100 * b / max(a, 1e-9):.0f} % kept"
     return line
 
 
@@ -150,15 +148,13 @@ def resume_command(d):
 
 
 def say(*a):
-    """print, on rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, flush=True)
 
 
 # ------------------------------------------------------------------------------ setup
 
-@dataclasses.dataclass(frozen=True)
-class Dist:
+class Dist(NamedTuple):
     """This process's place: the only one, or one DDP rank of `world` (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK)."""
     ddp: bool
     rank: int
@@ -275,9 +271,8 @@ def build_model(name, weights, seed, res, vae_steps, train_set, d):
     if d.master:
         pretrained(weights)  # one rank downloads; the others wait, then read
     d.barrier()
-    sd_path, clip_path = pretrained(weights)
-    model = UniDiff.from_pretrained(sd_path, clip=clip_path)
-    return model, {"model": "sd15", "sd": str(sd_path.resolve()), "clip": str(clip_path.resolve())}
+    sd, clip = pretrained(weights)
+    return UniDiff.from_pretrained(sd, clip=clip), dict(model="sd15", sd=str(sd.resolve()), clip=str(clip.resolve()))
 
 
 def frozen_start(cfg, ckpt, model, run, d):
@@ -299,10 +294,9 @@ def add_adapters(model, parts, rank, alpha, seed, ckpt):
             how = f"with --lora {was['lora']} --lora-alpha {was['lora_alpha']:g}" if was.get("lora") else "without --lora"
             raise RunError(f"{ckpt} was trained {how}: resume it without giving --lora or --lora-alpha again")
         load_lora(ckpt, model.lora)
-    n_base = sum(a.target[0].weight.numel() for a in model.lora.values())
     say(f"LoRA: rank {rank}, alpha {alpha:g}, on {len(model.lora)} attention projections of "
         f"{', '.join(parts)}: {sum(p.numel() for p in model.lora.parameters()):,} numbers train instead of their "
-        f"{n_base:,}; the base weights are frozen")
+        f"{sum(a.target[0].weight.numel() for a in model.lora.values()):,}; the base weights are frozen")
 
 
 def prepare_model(model, parts, lora, grad_ckpt, d):
@@ -350,7 +344,6 @@ def wrap(model, compile, every_loss_on, d):
 
 
 def loader_workers(workers, d):
-    """--workers, by default 4 data loader processes per GPU rank and none on the CPU."""
     return workers if workers is not None else (4 if d.cuda else 0)
 
 
@@ -426,9 +419,8 @@ def forward_backward(net, model, batches, gens, losses_kw, d):
 
 
 def optimizer_step(opt, params, ema, step, max_grad_norm, ema_decay, start_params=None, l2sp=0.0, factor=1.0):
-    """L2-SP's pull to start_params, clipping, AdamW's step at the peak learning rates × factor, the EMA. A
-    non-finite gradient skips the step, decided on the device (found_inf: weights, moments, EMA stay as they were;
-    no host sync): returns 1.0 if skipped, else 0.0."""
+    """L2-SP's pull to start_params, clipping, AdamW's step at the peak rates × factor, the EMA. A non-finite gradient
+    skips the step, decided on the device (found_inf: weights, moments, EMA unchanged) -> 1.0 if skipped, else 0."""
     if l2sp:
         l2_sp_(params, start_params, l2sp)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -515,9 +507,8 @@ def validate(model, params, ema, test_set, ood_set, step, run, res, d):
                         f"I→T R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} | "
                         f"T→I {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f} | chance R@1 {r['chance_r1']:.1f} (%)")
             real = to_uint8(torch.stack([test_set[i][0] for i in picks]))
-            W, H = parse_res(res)
-            gen = model.generate([test_set.captions[i] for i in picks], steps=SAMPLE["steps"],
-                                 guidance=SAMPLE["guidance"], seed=0, height=H, width=W)
+            gen = generate(model, [test_set.captions[i] for i in picks], SAMPLE["steps"], SAMPLE["guidance"], 0, res,
+                           batch=SAMPLE["n"])  # one batch: at most n captions
         start = run / "samples" / "start.png"  # the start model's row: drawn once, before training
         if step == 0:
             save_grid([gen], start)
