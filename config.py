@@ -103,8 +103,7 @@ FASHION = dict(res="512x768")  # SD 1.5's 512 wide, 2:3
 
 
 def defaults(model, data):
-    """The defaults of a run of `model` on `data`: the fashion presets' portrait resolution, the tiny model's on any
-    data (square 32 px), the demo's on top."""
+    """The defaults of a run of `model` on `data`: the fashion presets', the tiny model's, the demo's on top."""
     tiny = TINY if model == "tiny" else {}
     fashion = FASHION if data in FASHION_DATA else {}
     return {**DEFAULTS, **fashion, **tiny, **(DEMO if tiny and data == "demo" else {}), "model": model}
