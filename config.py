@@ -1,8 +1,6 @@
 """A training run's settings: one dataclass, the presets as small dicts of overrides, the command line made from
-the fields (its help shows each preset's value), and the range checks, one line each.
-
-    cfg = parse_args(["--data", "demo", "--steps", "50"])    # Config(data='demo', model='tiny', steps=50, ...)
-"""
+the fields (its help shows each preset's value), and the range checks, one line each. For example
+parse_args(["--data", "demo", "--steps", "50"]) is Config(data='demo', model='tiny', steps=50, ...)."""
 import argparse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -111,8 +109,7 @@ FASHION = dict(res="512x768")  # SD 1.5's 512 wide, 2:3
 
 
 def defaults(model, data):
-    """The defaults of a run of `model` on `data`: the fashion presets' portrait resolution, the tiny model's on any
-    data (square 32 px), the demo's on top."""
+    """The defaults of a run of `model` on `data`: the fashion presets', the tiny model's, the demo's on top."""
     tiny = TINY if model == "tiny" else {}
     fashion = FASHION if data in FASHION_DATA else {}
     return {**DEFAULTS, **fashion, **tiny, **(DEMO if tiny and data == "demo" else {}), "model": model}

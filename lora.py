@@ -1,21 +1,14 @@
-"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): fine-tune a large model by
-training, for some of its nn.Linear layers, a low-rank update of the weight instead of the weight itself:
+"""LoRA (Hu et al. 2021): fine-tune a large model by training, for some of its nn.Linear layers, a low-rank update
+of the weight instead of the weight itself (docs/training.md: what trains, what is saved):
 
     y = W x + b + (α/r) · B A x        W (out, in) and b frozen;  A (r, in), B (out, r) trained;  r ≪ in, out
 
-r·(in + out) numbers train instead of in·out: at r = 8, SD 1.5's UNet attention projections train 1.6 M
-numbers instead of 94 M (CLIP ViT-L/14's text tower: 0.6 M, its vision tower: 1.6 M), so the gradients and
-AdamW's moments of the full model are never held. B starts at zero, so training starts from exactly the base
-model; A starts random (Kaiming-uniform, nn.Linear's init, as the paper's code and peft do), else B's gradient,
-which is proportional to A x, would be zero too and nothing would learn. α/r scales the update; once trained,
-W + (α/r) B A is a plain weight again (`merge`), and the merged model runs as fast as the base one.
-
-Here an adapter stays outside the layer it adapts: a forward hook on the layer adds the adapter's output to
-the layer's. The adapters are held in one nn.ModuleDict keyed by kohya's names (the module's path with _ for .,
-e.g. lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q), so the base model's state_dict is
-untouched (its folders save and load as ever) and the adapters' state_dict is the file A1111, ComfyUI and
-diffusers' `load_lora_weights` read: `<name>.lora_down.weight` (A), `<name>.lora_up.weight` (B), `<name>.alpha`.
-"""
+B starts at zero, so training starts from exactly the base model; A starts random (Kaiming-uniform, nn.Linear's
+init, as the paper's code and peft do), else B's gradient, ∝ A x, would be zero too. Once trained, W + (α/r) B A is
+a plain weight again (`merge`). A forward hook adds an adapter's output to its layer's, and the adapters are one
+nn.ModuleDict keyed by kohya's names (the module's path with _ for .): the base model's state_dict is untouched, and
+the adapters' is the file A1111, ComfyUI and diffusers read (`<name>.lora_down.weight` (A), `.lora_up.weight` (B),
+`.alpha`)."""
 import math
 from contextlib import contextmanager
 

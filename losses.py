@@ -1,19 +1,16 @@
 """The three UniDiff losses, ITC, IS and RSC (README, "The losses"): pure functions of tensors. Then how ITC and
 RSC see a batch larger than one rank's micro-batch.
 
-DDP (world W > 1): `gather` concatenates every rank's embeddings; its backward sums each slice's gradient over
-the ranks into the rank that owns it. Every rank computes the same global ITC, so its rows get W × their
-gradient, and DDP's mean over ranks (÷ W) leaves the one-process gradient. RSC's rows stay on their rank,
-against all the captions: each rank returns its part (rsc_loss's n), and the mean of the parts is the whole.
+DDP (world W > 1): `gather` concatenates every rank's embeddings; its backward sums each slice's gradient over the
+ranks into the rank that owns it. Every rank computes the same global ITC, so its rows get W × their gradient, and
+DDP's mean over ranks (÷ W) leaves the one-process gradient. RSC's rows stay on their rank, against all the
+captions: each rank returns its part (rsc_loss's n), and the mean of the parts is the whole.
 
-Gradient accumulation (K micro-steps whose losses the loop averages) is gradient caching: a no-grad pass first
-embeds the whole step's batch (UniDiff.contrastive_cache), and each micro-step puts its own rows, with gradient,
-in their place among the cached ones (`step_rows`). ITC is then the whole step's in every micro-step: `grad_times`
-scales the gradient reaching the live rows by K against the loop's 1/K (logit_scale is live in every micro-step:
-K × 1/K of its whole gradient). RSC's rows are each micro-step's part, as under DDP. All is exact but one term:
-a caption's RSC gradient from the rows of *other* micro-steps (it needs their generated images: a no-grad UNet +
-decode + CLIP pass, 20 % more step time on the tiny model).
-"""
+Gradient accumulation (K micro-steps, averaged) is gradient caching (docs/training.md): each micro-step puts its own
+rows, with gradient, among the step's cached ones (`step_rows`), so ITC is the whole step's in every micro-step, and
+`grad_times` scales the live rows' gradient by K against the loop's 1/K (logit_scale: K × 1/K of its whole
+gradient). RSC's rows are each micro-step's part, as under DDP; left out: a caption's RSC gradient from the rows of
+*other* micro-steps."""
 from contextlib import nullcontext
 
 import torch
@@ -77,12 +74,9 @@ def rsc_loss(real_emb, gen_emb, txt_emb, logit_scale, n=None, one_way=False):
         P = softmax(s · v uᵀ), P̂ = softmax(s · v̂ uᵀ)   (R, B), rows sum to 1
         RSC = 1/n Σ_rows [ ½ KL(sg(P) ‖ P̂) + ½ KL(sg(P̂) ‖ P) ],  KL(p‖q) = Σ_j p_j (log p_j − log q_j)
 
-    sg = stop-gradient: the first term trains the generated image (and the captions) towards CLIP's reading of
-    the real one, the second the real image (and the captions) towards the generated one; `one_way` keeps the
-    first term alone (only the generated side learns: an ablation of the reciprocity). n defaults to R (the
-    mean over the rows); a part of a larger batch (a rank's, a micro-step's rows) passes the whole batch's row
-    count ÷ the number of parts, so that the mean of the parts, and of their gradients, is the whole batch's.
-    R may be 0 (the loss is then 0, still a tensor in the graph).
+    sg = stop-gradient: the first term trains the generated image (and the captions) towards CLIP's reading of the
+    real one, the second the real one towards the generated; `one_way` keeps the first alone (an ablation). n: R by
+    default; a part of a larger batch (a rank's, a micro-step's) passes the batch's rows ÷ the parts. R may be 0.
     """
     txt_emb = txt_emb.float()  # once: the two terms' gradients into it nearly cancel, so they add up in fp32
     logp = F.log_softmax(logits(real_emb, txt_emb, logit_scale), dim=-1)  # (R, B), fp32
@@ -97,8 +91,8 @@ def rsc_loss(real_emb, gen_emb, txt_emb, logit_scale, n=None, one_way=False):
 # ---- other readings of RSC, and a remedy for forgetting (docs/results.md compares them) ----
 
 def rsc_feature_loss(real_emb, gen_emb, n=None):
-    """(b) feature consistency: RSC = 1/n Σ_rows (1 − cos(v, v̂)), real and generated embeddings (R, D); both sides
-    learn (reciprocal). n as in rsc_loss."""
+    """(b) feature consistency: RSC = 1/n Σ_rows (1 − cos(v, v̂)), real and generated embeddings (R, D), n as in
+    rsc_loss; both sides learn."""
     cos = F.cosine_similarity(real_emb.float(), gen_emb.float(), dim=-1)  # (R,)
     return (1 - cos).sum() / (n or len(cos) or 1)
 

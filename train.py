@@ -5,19 +5,10 @@
     torchrun --nproc_per_node=8 train.py --data fashion_woman   # DDP: the same run, 8 GPUs
     python train.py --resume runs/fashion_woman    # continue exactly where it stopped
 
-The settings are config.py's. The run folder (its layout: runs.py) gets a checkpoint every --save-every steps,
-each complete on its own and written atomically, and a sample grid per validation. Nothing is pickled. Ctrl-C
-or SIGTERM: the step under way finishes, is saved, and the run stops (all DDP ranks at the same step).
-
-`--batch-size` is the global batch of one optimizer step: it is split over the DDP ranks and
-the `--grad-accum` micro-steps, so one GPU and eight give the same run. The data order is a
-seeded permutation per epoch, and each micro-step's randomness (timesteps, noise, caption
-dropout) comes from a generator seeded by (seed, step, micro-step), the same on every rank
-(UniDiff.losses draws for the global batch and keeps the rank's rows): resuming at step N
-restores both exactly, with nothing to store but N.
-"""
+Settings: config.py; options, signals, resume: docs/training.md. `--batch-size` is the global batch of a step,
+split over the DDP ranks and `--grad-accum` micro-steps; the data order and each micro-step's randomness follow
+from (seed, step, micro-step), so one GPU and eight give the same run and resuming at step N continues it exactly."""
 import copy
-import dataclasses
 import hashlib
 import math
 import os
@@ -26,6 +17,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -36,7 +28,7 @@ from clip import Tokenizer
 from config import parse_args
 from data import DataError, open_dataset, parse_res
 from download import pretrained
-from eval import SAMPLE, embed, retrieval
+from eval import SAMPLE, embed, generate, retrieval
 from latent_cache import cached_training_set
 from losses import l2_sp_
 from lora import attention_lora
@@ -83,8 +75,7 @@ def train(cfg):
     model = start_model(cfg, ckpt, run, train_set, d)
     start = frozen_start(cfg, ckpt, model, run, d)
     parts = present(model, parts)
-    if cfg.lora:
-        add_adapters(model, parts, cfg.lora, cfg.lora_alpha, cfg.seed, ckpt)
+    add_adapters(model, parts, cfg.lora, cfg.lora_alpha, cfg.seed, ckpt)
     prepare_model(model, parts, cfg.lora, cfg.grad_ckpt, d)
     opt, named = make_optimizer(model, cfg.lr_unet, cfg.lr_clip)
     params = [p for _, p in named]
@@ -110,18 +101,14 @@ def train(cfg):
         progress = Progress(d.device, cfg.steps, cfg.batch_size)
         while step < cfg.steps:
             factor = lr_factor(step, cfg.warmup, cfg.steps)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * factor
-            gens = [torch.Generator().manual_seed(step_seed(cfg.seed, step, a))  # on the host: see UniDiff.losses
-                    for a in range(cfg.grad_accum)]
+            # the micro-steps' generators, on the host: see UniDiff.losses
+            gens = [torch.Generator().manual_seed(step_seed(cfg.seed, step, a)) for a in range(cfg.grad_accum)]
             losses = forward_backward(net, model, batches, gens, losses_kw, d)
-            skipped = optimizer_step(opt, params, ema, step, cfg.max_grad_norm, cfg.ema, start_params, cfg.l2sp)
+            skipped = optimizer_step(opt, params, ema, step, cfg.max_grad_norm, cfg.ema, start_params, cfg.l2sp, factor)
             step, seen = step + 1, seen + cfg.batch_size
             if progress.add(losses, skipped) >= MAX_SKIPS:  # the skipped steps left the weights as they were
                 save(model, named, opt, shown(), step, seen, run, cfg, d)
-                raise RunError(f"the gradient was not finite at each of the last {MAX_SKIPS} steps (up to step {step});"
-                               f" they were skipped, so the weights are intact: saved in {run / f'step_{step:06d}'} "
-                               f"(--resume {run}). Try lower learning rates (--lr-unet/--lr-clip) or --max-grad-norm.")
+                raise skipped_out(step, run)
             stopping = stop.agreed()
             at_eval = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or step == cfg.steps)
             at_save = step == cfg.steps or bool(cfg.save_every) and step % cfg.save_every == 0
@@ -137,53 +124,45 @@ def train(cfg):
             if at_save:
                 save(model, named, opt, shown(), step, seen, run, cfg, d)
             progress.t_line = time.time()  # validating and saving are not training time
-    samples = f", samples in {run / 'samples'}/" if (run / "samples").is_dir() else ""  # none without validation
-    say(f"done: {step} steps; checkpoints in {run}/{samples}")
-    if first and last:
-        say(summary(first, last))
+    say(summary(step, run, first, last))
     return 0
 
 
-def summary(first, last):
-    """What the run learnt in its domain and kept out of it: test R@1, the mean of both directions."""
-    r1 = lambda r: (r["i2t_r1"] + r["t2i_r1"]) / 2
-    (a, b), line = (r1(first["test"]), r1(last["test"])), "summary: test R@1 (mean of I→T and T→I)"
-    line += f" in domain {a:.1f} % → {b:.1f} % ({b - a:+.1f} points)"
-    if "out of domain test" in first:
-        a, b = r1(first["out of domain test"]), r1(last["out of domain test"])
-        line += f"; out of domain {a:.1f} % → {b:.1f} %: {100 * b / max(a, 1e-9):.0f} % kept"
+def summary(step, run, first, last):
+    """The last lines: the run's files, and (validated at its start and end) test R@1 in its domain and out of it."""
+    samples = f", samples in {run / 'samples'}/" if (run / "samples").is_dir() else ""  # none without validation
+    line = f"done: {step} steps; checkpoints in {run}/{samples}"
+    r1 = lambda split: [(r[split]["i2t_r1"] + r[split]["t2i_r1"]) / 2 for r in (first, last)]
+    if first and last:
+        a, b = r1("test")
+        line += f"\nsummary: test R@1 (mean of I→T and T→I) in domain {a:.1f} % → {b:.1f} % ({b - a:+.1f} points)"
+        if "out of domain test" in first:
+            a, b = r1("out of domain test")
+            line += f"; out of domain {a:.1f} % → {b:.1f} %: {100 * b / max(a, 1e-9):.0f} % kept"
     return line
 
 
 def resume_command(d):
     """How to launch this run again: python, or torchrun with this node's number of ranks."""
-    return f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', d.world)} train.py" if d.ddp else \
-        "python train.py"
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", d.world)
+    return f"torchrun --nproc_per_node={ranks} train.py" if d.ddp else "python train.py"
 
 
 def say(*a):
-    """print, on rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, flush=True)
 
 
 # ------------------------------------------------------------------------------ setup
 
-@dataclasses.dataclass(frozen=True)
-class Dist:
+class Dist(NamedTuple):
     """This process's place: the only one, or one DDP rank of `world` (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK)."""
     ddp: bool
     rank: int
     world: int
     device: torch.device
-
-    @property
-    def master(self):  # rank 0 writes the run folder and validates
-        return self.rank == 0
-
-    @property
-    def cuda(self):
-        return self.device.type == "cuda"
+    master: bool  # rank 0 writes the run folder and validates
+    cuda: bool  # the device is a GPU
 
     def barrier(self):
         if self.ddp:
@@ -199,7 +178,8 @@ def init_distributed():
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return Dist(ddp, dist.get_rank() if ddp else 0, dist.get_world_size() if ddp else 1, device)
+    rank = dist.get_rank() if ddp else 0
+    return Dist(ddp, rank, dist.get_world_size() if ddp else 1, device, rank == 0, device.type == "cuda")
 
 
 def micro_batch(batch_size, grad_accum, world):
@@ -220,8 +200,7 @@ def trained_parts(train):
 
 
 def open_data(data, res, train_size, eval_every, ood_data, d):
-    """(train split, test split, --ood-data's test split); the test splits None when there is no validation.
-    What was skipped, converted, truncated at 77 tokens is said once."""
+    """The train, test and --ood-data test splits (None without validation); what each drops or converts, said."""
     sets = {"train": open_dataset(data, "train", res)}
     if train_size:
         sets["train"].keep_first(train_size)
@@ -229,13 +208,12 @@ def open_data(data, res, train_size, eval_every, ood_data, d):
         sets["test"] = open_dataset(data, "test", res)
         if ood_data:
             sets["out of domain test"] = open_dataset(ood_data, "test", res)
-    if d.master:  # counted, never silent
-        seen = set()
+    if d.master:  # counted, never silent; a line two splits share is said once
+        said = {}
         for split, ds in sets.items():
-            for line in ds.report(Tokenizer().lengths):
-                if line not in seen:
-                    say(f"data ({split}): {line}")
-                    seen.add(line)
+            said.update({line: split for line in ds.report(Tokenizer().lengths) if line not in said})
+        for line, split in said.items():
+            say(f"data ({split}): {line}")
     return sets["train"], sets.get("test"), sets.get("out of domain test")
 
 
@@ -279,8 +257,7 @@ def present(model, parts):
 
 
 def build_model(name, weights, seed, res, vae_steps, train_set, d):
-    """(model, where it came from): the tiny model from `weights` (the demo: the shipped pretrained one) or random
-    with its VAE fitted first, or SD 1.5 + CLIP-L."""
+    """(model, where it came from): tiny from `weights` or random (its VAE fitted first), or SD 1.5 + CLIP-L."""
     if weights and checkpoints(weights):  # a run folder of ours: its newest checkpoint (a diffusers pipeline folder)
         weights = checkpoints(weights)[-1]
     if name == "tiny" and weights:
@@ -295,14 +272,12 @@ def build_model(name, weights, seed, res, vae_steps, train_set, d):
     if d.master:
         pretrained(weights)  # one rank downloads; the others wait, then read
     d.barrier()
-    sd_path, clip_path = pretrained(weights)
-    model = UniDiff.from_pretrained(sd_path, clip=clip_path)
-    return model, {"model": "sd15", "sd": str(sd_path.resolve()), "clip": str(clip_path.resolve())}
+    sd, clip = pretrained(weights)
+    return UniDiff.from_pretrained(sd, clip=clip), dict(model="sd15", sd=str(sd.resolve()), clip=str(clip.resolve()))
 
 
 def frozen_start(cfg, ckpt, model, run, d):
-    """θ₀, the frozen start of L2-SP, anchored RSC and WiSE-FT (None when none is on): a copy of the new run's start,
-    or on --resume the start the run recorded."""
+    """θ₀, the frozen start of L2-SP, anchored RSC and WiSE-FT (else None): the new run's, or the recorded one."""
     if not (cfg.l2sp or cfg.wise_ft < 1 or cfg.lambda_rsc and cfg.rsc_form == "anchored"):
         return None
     start = copy.deepcopy(model) if ckpt is None else load_start(run)[0]
@@ -315,8 +290,9 @@ def wise_ft(params, start_params, alpha):
 
 
 def add_adapters(model, parts, rank, alpha, seed, ckpt):
-    """--lora: adapters on the attention projections of the `parts` (lora.py), seeded. Resuming: the checkpoint's
-    model folders hold the merged weights; the base weights and the adapters come from its lora files."""
+    """--lora `rank`: seeded adapters on the `parts` (lora.py); resuming, the base weights and adapters of its files."""
+    if not rank:
+        return
     model.lora = attention_lora(model, parts, rank, alpha, torch.Generator().manual_seed(seed))
     if ckpt is not None:
         was = read_state(ckpt)["args"]
@@ -324,10 +300,9 @@ def add_adapters(model, parts, rank, alpha, seed, ckpt):
             how = f"with --lora {was['lora']} --lora-alpha {was['lora_alpha']:g}" if was.get("lora") else "without --lora"
             raise RunError(f"{ckpt} was trained {how}: resume it without giving --lora or --lora-alpha again")
         load_lora(ckpt, model.lora)
-    n_base = sum(a.target[0].weight.numel() for a in model.lora.values())
     say(f"LoRA: rank {rank}, alpha {alpha:g}, on {len(model.lora)} attention projections of "
         f"{', '.join(parts)}: {sum(p.numel() for p in model.lora.parameters()):,} numbers train instead of their "
-        f"{n_base:,}; the base weights are frozen")
+        f"{sum(a.target[0].weight.numel() for a in model.lora.values()):,}; the base weights are frozen")
 
 
 def prepare_model(model, parts, lora, grad_ckpt, d):
@@ -352,8 +327,7 @@ def prepare_model(model, parts, lora, grad_ckpt, d):
 
 
 def make_optimizer(model, lr_unet, lr_clip):
-    """AdamW over the trainable parameters, and those as (name, parameter) in the optimizer's order. Per-part
-    learning rates; no weight decay on biases, norms and the logit scale (1-d tensors)."""
+    """AdamW (per-part learning rates, no weight decay on 1-d tensors) and its parameters as (name, parameter)."""
     groups = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -370,15 +344,12 @@ def wrap(model, compile, every_loss_on, d):
     """What the steps call: the model compiled (each network in place, before DDP sees it), under DDP wrapped."""
     if compile:
         model.compile()
-    if not d.ddp:
-        return model
     # a λ of 0 leaves parts without gradient: DDP must then look for unused parameters
     return DDP(model, device_ids=[d.device.index] if d.cuda else None, broadcast_buffers=False,
-               find_unused_parameters=not every_loss_on)
+               find_unused_parameters=not every_loss_on) if d.ddp else model
 
 
 def loader_workers(workers, d):
-    """--workers, by default 4 data loader processes per GPU rank and none on the CPU."""
     return workers if workers is not None else (4 if d.cuda else 0)
 
 
@@ -393,9 +364,8 @@ def make_loader(train_set, micro, start, seed, workers, d):
 # ------------------------------------------------------------------------------ data order
 
 class Batches(torch.utils.data.Sampler):
-    """Index lists of this rank's micro-batches, from position `start` of the endless stream of
-    seeded per-epoch permutations. Global micro-batch k is positions [k·world·b, (k+1)·world·b);
-    rank r takes its r-th slice, so any world size reads the same samples per step."""
+    """Index lists of this rank's micro-batches, from position `start` of an endless stream of seeded per-epoch
+    permutations: global micro-batch k is positions [k·world·b, (k+1)·world·b), rank r's the r-th slice of it."""
 
     def __init__(self, n, micro, world, rank, seed, start):
         self.n, self.micro, self.world, self.rank, self.seed, self.start = n, micro, world, rank, seed, start
@@ -454,16 +424,17 @@ def forward_backward(net, model, batches, gens, losses_kw, d):
     return losses
 
 
-def optimizer_step(opt, params, ema, step, max_grad_norm, ema_decay, start_params=None, l2sp=0.0):
-    """L2-SP's gradient (towards start_params), clip, step AdamW, update the EMA. A non-finite gradient (the loss can still be finite) skips the step:
-    AdamW's found_inf leaves weights and moments as they were, decided on the device (no host sync); the EMA
-    waits too. Returns 1.0 when skipped, else 0.0 (a 0-dim tensor on the device)."""
+def optimizer_step(opt, params, ema, step, max_grad_norm, ema_decay, start_params=None, l2sp=0.0, factor=1.0):
+    """L2-SP's pull to start_params, clipping, AdamW's step at the peak rates × factor, the EMA. A non-finite gradient
+    skips the step, decided on the device (found_inf: weights, moments, EMA unchanged) -> 1.0 if skipped, else 0."""
     if l2sp:
         l2_sp_(params, start_params, l2sp)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if max_grad_norm:
         torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
     skipped = (~norm.isfinite()).float()
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * factor
     opt.found_inf = skipped
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -475,22 +446,19 @@ def optimizer_step(opt, params, ema, step, max_grad_norm, ema_decay, start_param
 
 class Progress:
     """The losses since the last progress line, summed on the device: reading them is a host sync, done only at a
-    line (every LOG_EVERY steps, and before validating, saving or stopping). Whether a step was skipped is read
-    every step (one flag, the same on every rank): the run stops at the MAX_SKIPS-th in a row, not a line later."""
+    line. Whether a step was skipped is read every step (one flag): the run stops at the MAX_SKIPS-th in a row."""
 
     def __init__(self, device, steps, batch_size):
         self.steps, self.batch_size = steps, batch_size
         self.sums = torch.zeros(4, device=device)  # itc, is, rsc, total summed over the steps since the last line
-        self.skipped, self.in_a_row = 0, 0  # steps skipped since the last line, and in a row until now
-        self.n, self.t_line, self.t_run, self.steps_run = 0, time.time(), 0.0, 0
+        self.n = self.skipped = self.in_a_row = 0  # steps since the last line, those skipped; skipped in a row
+        self.t_line, self.t_run, self.steps_run = time.time(), 0.0, 0
 
     def add(self, losses, skipped):
         """Count a step in; returns how many steps in a row have been skipped until now."""
         skipped = int(skipped)
         self.sums += losses
-        self.skipped += skipped
-        self.in_a_row = (self.in_a_row + 1) * skipped
-        self.n += 1
+        self.n, self.skipped, self.in_a_row = self.n + 1, self.skipped + skipped, (self.in_a_row + 1) * skipped
         return self.in_a_row
 
     def sync(self, step, factor, run, d):
@@ -512,6 +480,12 @@ class Progress:
                 + (f" | skipped {skipped} of {n} steps (non-finite gradient)" if skipped else ""))
 
 
+def skipped_out(step, run):
+    return RunError(f"the gradient was not finite at each of the last {MAX_SKIPS} steps (up to step {step}); they were"
+                    f" skipped, so the weights are intact: saved in {run / f'step_{step:06d}'} (--resume {run}). "
+                    "Try lower learning rates (--lr-unet/--lr-clip) or --max-grad-norm.")
+
+
 def stopped(run, what):
     last = checkpoints(run)
     return RunError(f"{what}. Stopped without saving; "
@@ -522,10 +496,9 @@ def stopped(run, what):
 # ------------------------------------------------------------------------------ validation, checkpoints
 
 def validate(model, params, shown, test_set, ood_set, step, run, res, d):
-    """Test retrieval (and out of domain, with --ood-data) and a grid of samples from test captions: rows of
-    real images, the start model's samples (drawn at step 0) and the current model's; `shown`: the weights checkpoints
-    hold (EMA, WiSE-FT) if not the trained ones.
-    Returns {split name: retrieval} on rank 0."""
+    """Test retrieval (and out of domain) and a sample grid of test captions, with `shown` (EMA, WiSE-FT: the weights
+    checkpoints hold) if any: rows of real images, the start model's samples (at step 0), the current model's.
+    -> {split: retrieval} on rank 0."""
     found = {}
     if d.master:
         model.eval()
@@ -541,9 +514,8 @@ def validate(model, params, shown, test_set, ood_set, step, run, res, d):
                         f"I→T R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} | "
                         f"T→I {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f} | chance R@1 {r['chance_r1']:.1f} (%)")
             real = to_uint8(torch.stack([test_set[i][0] for i in picks]))
-            W, H = parse_res(res)
-            gen = model.generate([test_set.captions[i] for i in picks], steps=SAMPLE["steps"],
-                                 guidance=SAMPLE["guidance"], seed=0, height=H, width=W)
+            gen = generate(model, [test_set.captions[i] for i in picks], SAMPLE["steps"], SAMPLE["guidance"], 0, res,
+                           batch=SAMPLE["n"])  # one batch: at most n captions
         start = run / "samples" / "start.png"  # the start model's row: drawn once, before training
         if step == 0:
             save_grid([gen], start)
@@ -556,19 +528,14 @@ def validate(model, params, shown, test_set, ood_set, step, run, res, d):
 
 def distinct(captions, n):
     """Indices of the first n items with different captions (a sample grid of n different prompts)."""
-    seen, out = set(), []
+    first = {}
     for i, c in enumerate(captions):
-        if c not in seen:
-            seen.add(c)
-            out.append(i)
-            if len(out) == n:
-                break
-    return out
+        first.setdefault(c, i)
+    return list(first.values())[:n]
 
 
 def save(model, named, opt, shown, step, seen, run, cfg, d):
-    """A checkpoint (rank 0 writes it) with the run's settings, unless the weights are not finite: then the run
-    stops."""
+    """A checkpoint (rank 0 writes it) with the run's settings; the run stops if the weights are not finite."""
     tensors = [p for _, p in named] + (shown or [])  # every rank checks (the same weights), so all stop together
     if not torch.stack([t.isfinite().all() for t in tensors]).all():
         raise stopped(run, f"the weights are not finite after step {step}")

@@ -1,10 +1,8 @@
 """UniDiff: one CLIP and one Stable Diffusion trained together with ITC + IS + RSC. The loss math is in the README.
 
-The text tower is shared: CLIP's `text_hidden` is the UNet's context, and its pooled projection
-is the text side of ITC and RSC. The VAE is frozen (encode under no_grad; RSC decodes *through* it
-with gradient). Also here: the DDIM sampler, loading/saving the diffusers and transformers folder
-layouts (the original single-file layout that ComfyUI / A1111 read is converted in single_file.py).
-"""
+The text tower is shared: CLIP's `text_hidden` is the UNet's context, its pooled projection the text side of ITC and
+RSC. The VAE is frozen (RSC decodes *through* it, with gradient). Also here: the DDIM sampler, and loading/saving the
+diffusers and transformers folder layouts (the single-file layout of ComfyUI / A1111: single_file.py)."""
 import json
 import logging
 from dataclasses import replace
@@ -44,19 +42,16 @@ def x0_and_eps(zt, out, a, v_prediction):
 @torch.no_grad()
 def ddim_sample(unet, latents, context, uncond, alphas_cumprod, steps, guidance, eta=0.0, generator=None,
                 v_prediction=False):
-    """DDIM with classifier-free guidance, step for step diffusers' DDIMScheduler under SD 1.5's config
-    (steps_offset=1, set_alpha_to_one=False, clip_sample=False, "leading" spacing).
-
-    latents (B, 4, h, w) ~ N(0, I); context (B, 77, W) the prompts' text states, uncond (1 or B, 77, W) the
-    empty caption's. ε̂ = ε̂_u + guidance (ε̂_c − ε̂_u) from one UNet call on [uncond, cond]. Returns ẑ0.
-    """
+    """DDIM with classifier-free guidance, step for step diffusers' DDIMScheduler under SD 1.5's config (steps_offset=1,
+    set_alpha_to_one=False, clip_sample=False, "leading" spacing). latents (B, 4, h, w) ~ N(0, I); context (B, 77, W)
+    the prompts' text states, uncond (1 or B, 77, W) the empty caption's. Returns ẑ0."""
     ratio = len(alphas_cumprod) // steps
     ac = alphas_cumprod.to(latents.device)
     ctx = torch.cat([uncond.expand_as(context), context]).to(latents.dtype)  # (2B, 77, W)
     x = latents
     for t in [i * ratio + 1 for i in reversed(range(steps))]:  # 981, 961, ..., 1 for 50 steps
         out_u, out_c = unet(torch.cat([x, x]), torch.full((), t, device=x.device), ctx).float().chunk(2)
-        out = out_u + guidance * (out_c - out_u)  # (B, 4, h, w)
+        out = out_u + guidance * (out_c - out_u)  # (B, 4, h, w): ε̂ = ε̂_u + guidance (ε̂_c − ε̂_u)
         a = ac[t]
         a_prev = ac[t - ratio] if t >= ratio else ac[0]  # the last step lands on ᾱ_0, not 1
         x0, eps = x0_and_eps(x, out, a, v_prediction)
@@ -95,13 +90,10 @@ class Encoded(NamedTuple):
 
 
 class BatchDraws:
-    """This rank's share of a training batch's randomness. Every rank draws for the whole global batch (W·B rows)
-    and keeps its own B rows, so N DDP ranks equal one process on the same global batch (given equal generators).
-
-    From `generator`, a CPU torch.Generator, in this order: the seed of a device generator, then t and the caption
-    dropout on the host (choosing RSC's rows reads nothing back from the GPU); the VAE's posterior sample and ε
-    then come from the device generator. With no generator, all from torch's global RNG.
-    """
+    """This rank's share of a training batch's randomness: every rank draws for the whole global batch (W·B rows) and
+    keeps its B rows, so N DDP ranks equal one process. From `generator` (CPU), in order: a device generator's seed,
+    then t and the caption dropout on the host (RSC's rows are chosen without a sync); the VAE's posterior sample and
+    ε from the device generator. With no generator, all from torch's global RNG."""
 
     def __init__(self, generator, B, device):
         rank = dist.get_rank() if world_size() > 1 else 0
@@ -159,14 +151,12 @@ class UniDiff(nn.Module):
 
     @property
     def multiple(self):
-        """Image sides must be multiples of this (64 for SD): `down` × 2^(UNet levels − 1), so every UNet level
-        halves the latent exactly (on other sizes its up path meets the skips only by rounding) and RSC's centred
-        latent crop is, pixel for pixel, clip_pixels' crop of the real image (one_step_images)."""
+        """Image sides must be multiples of this (64 for SD): `down` × 2^(UNet levels − 1), so every UNet level halves
+        the latent exactly and RSC's centred latent crop is, pixel for pixel, clip_pixels' crop of the real image."""
         return self.down * 2 ** (len(self.unet.cfg.block_out_channels) - 1)
 
     def clip_pixels(self, pixels):
-        """Pixels in [-1, 1] at any size -> CLIP's input: the centre square (centre_square), resized to its
-        resolution, normalised."""
+        """Pixels in [-1, 1] at any size -> CLIP's input: the centre square, resized to CLIP's resolution, normalised."""
         res = self.clip.cfg.vision.image_size
         x = F.interpolate(centre_square(pixels), size=(res, res), mode="bicubic", antialias=True, align_corners=False)
         return clip_normalise((x + 1) / 2)  # (B, 3, res, res)
@@ -192,18 +182,11 @@ class UniDiff(nn.Module):
 
     def losses(self, images, ids, lambda_itc=1.0, lambda_is=1.0, lambda_rsc=0.1, t_max=500, p_uncond=0.1,
                snr_gamma=None, rsc_form="kl", is_detach_text=False, anchor=None, generator=None, cache=None, micro_step=0):
-        """images: pixels (B, 3, H, W) in [-1, 1] at the training resolution, or those Encoded (cached); ids (B, 77)
-        -> dict(itc, is_, rsc, total), as the README's "The losses" writes them. A loss whose λ is 0 is not computed
-        (its entry is 0). `rsc_form`, RSC's form: kl (losses.rsc_loss), kl-one-way (its first term alone), feature,
-        relational or anchored (the losses of those names; anchored needs `anchor`, the frozen start CLIP).
-        `is_detach_text`: IS trains the UNet alone, no gradient into the shared text tower.
-        `generator`, a CPU torch.Generator, fixes the randomness (BatchDraws says what is drawn in which order).
-
-        Gradient accumulation: `cache` is the step's `contrastive_cache` (made with the micro-steps' generators)
-        and this is its micro-step `micro_step`; ITC and RSC then contrast against the whole step's batch.
-        Under DDP and accumulation each entry is this rank's and micro-step's part: the mean over the parts of
-        the entries, and of their gradients, is the whole step's (RSC's gradient but for the term losses.py names).
-        """
+        """images: pixels (B, 3, H, W) in [-1, 1], or those Encoded (cached); ids (B, 77) -> dict(itc, is_, rsc, total),
+        as the README's "The losses" writes them (a λ of 0: not computed, 0). `rsc_form`: kl (losses.rsc_loss),
+        kl-one-way, feature, relational or anchored (needs `anchor`, the frozen start CLIP). `generator` (CPU) fixes
+        the randomness (BatchDraws). With gradient accumulation `cache` is the step's contrastive_cache and this its
+        micro-step `micro_step`. Each entry is this rank's and micro-step's part; the parts' mean is the step's."""
         B = len(ids)
         draws = BatchDraws(generator, B, ids.device)
         K = 1 if cache is None else len(cache["txt"])  # micro-steps in this optimizer step
@@ -268,9 +251,8 @@ class UniDiff(nn.Module):
         return z0, noise, a.sqrt() * z0 + (1 - a).sqrt() * noise
 
     def one_step_images(self, zt, pred, t, res):
-        """RSC's generated images: the UNet's one-step estimate ẑ0, decoded at CLIP's resolution `res` through the
-        frozen VAE (the gradient flows on into the UNet) -> CLIP's input (R, 3, res, res). A non-square ẑ0 is cut
-        to its centre square first: the part of the image that clip_pixels shows CLIP of the real one."""
+        """RSC's generated images: the UNet's one-step estimate ẑ0 (its centre square, as clip_pixels crops the real
+        one) decoded through the frozen VAE at CLIP's resolution `res`, with gradient -> CLIP's input (R, 3, res, res)."""
         z0_hat, _ = x0_and_eps(zt, pred.float(), self.alphas_cumprod[t].view(-1, 1, 1, 1), self.v_prediction)
         z0_hat = F.interpolate(centre_square(z0_hat), size=(res // self.down,) * 2, mode="bilinear",
                                antialias=True)  # (R, 4, h', w')
@@ -279,13 +261,9 @@ class UniDiff(nn.Module):
 
     @torch.no_grad()
     def contrastive_cache(self, micro_batches, generators, lambda_itc, lambda_rsc, t_max):
-        """Gradient caching for gradient accumulation: the CLIP embeddings of a step's K micro-batches, computed
-        without gradient before its micro-steps, so that each micro-step's ITC and RSC contrast against the whole
-        step (`losses(..., cache=, micro_step=)`; see losses.py). One more CLIP forward of the batch: both towers,
-        the text tower alone when λ_itc = 0.
-
-        micro_batches: this rank's K (images, ids), images as `losses` takes them; generators: the K micro-steps'
-        `losses` generators (copies redraw their timesteps, to count RSC's rows in the step).
+        """Gradient caching: the CLIP embeddings of a step's K micro-batches without gradient, before its micro-steps,
+        so that each micro-step's ITC and RSC contrast the whole step (losses.py). micro_batches: this rank's K
+        (images, ids); generators: the micro-steps' (copies redraw t, to count RSC's rows in the step).
         -> dict(img=K × (W·b, D) (empty when λ_itc = 0), txt=K × (W·b, D), rsc_rows=over all ranks)."""
         img, txt, rsc_rows = [], [], 0
         for (images, ids), g in zip(micro_batches, generators):
