@@ -126,7 +126,7 @@ def test_ablation_reuses_a_run_that_was_resumed(tmp_path):
     out = tmp_path / "runs" / "ITC" / "seed0"
     flags = ["--data", "demo", "--out", str(out), "--seed", "0", "--steps", "1", "--save-every", "1",
              "--eval-every", "0", "--lr-unet", str(args.lr_unet), "--lr-clip", str(args.lr_clip), "--train-size", "16",
-             "--lambda-itc", "1", "--lambda-is", "0", "--lambda-rsc", "0"]
+             "--l2sp", "0", "--lambda-itc", "1", "--lambda-is", "0", "--lambda-rsc", "0"]
     assert train.main(flags) == 0
     assert train.main(["--resume", str(out), "--steps", "2"]) == 0  # state.json now holds "resume"
     assert ablation.fine_tune("ITC", 0, args) == out

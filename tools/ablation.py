@@ -241,15 +241,16 @@ def plot_front(results, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 6))
     start = front_points(results["pretrained"])[1.0] if "pretrained" in results else None
-    for arm, seeds in results.items():
+    for k, (arm, seeds) in enumerate(results.items()):
         if arm == "pretrained":
             ax.plot(start[0][0], start[1][0], "k*", ms=12, label="pretrained (WiSE α = 0)")
             continue
         pts = front_points(seeds)
         (i, di), (o, do) = pts[1.0]
-        bar = ax.errorbar(i, o, xerr=di, yerr=do, fmt="o", ms=6, capsize=2, label=arm)
+        colour = plt.cm.tab20(k % 20)  # more arms than tab10 has colours
+        ax.errorbar(i, o, xerr=di, yerr=do, fmt="osD^v<>ph"[k % 9], color=colour, ms=6, capsize=2, label=arm)
         curve = ([(start[0][0], start[1][0])] if start else []) + [(p[0][0], p[1][0]) for p in pts.values()]
-        ax.plot(*zip(*curve), "--", color=bar[0].get_color(), lw=1.5 if arm == "ITC+IS" else 0.7, alpha=0.7)
+        ax.plot(*zip(*curve), "--", color=colour, lw=1.5 if arm == "ITC+IS" else 0.7, alpha=0.7)
     ax.set(xlabel="in domain (demo): R@1 %, mean of I→T and T→I", ylabel="out of domain (world): R@1 %",
            title="The front: what the fine-tune learns against what it keeps")
     ax.set_xlim(0, max(70, ax.get_xlim()[1]))
