@@ -122,7 +122,7 @@ def anchored_loss(img_emb, txt_emb, logit_scale, img0, txt0, logit_scale0):
 def l2_sp_(params, start, lam):
     """L2-SP (Li, Grandvalet & Davoine 2018): λ Σ‖θ − θ₀‖² pulls the trained weights towards the start's. Its
     gradient 2λ(θ − θ₀) is added to each .grad in place: exact, and no graph over every weight."""
-    for p, p0 in zip(params, start):
+    for p, p0 in zip(params, start) if lam else ():
         if p.grad is not None:
             p.grad.add_(p.detach() - p0, alpha=2 * lam)
 

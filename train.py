@@ -101,7 +101,6 @@ def train(cfg):
         progress = Progress(d.device, cfg.steps, cfg.batch_size)
         while step < cfg.steps:
             factor = lr_factor(step, cfg.warmup, cfg.steps)
-            # the micro-steps' generators, on the host: see UniDiff.losses
             gens = [torch.Generator().manual_seed(step_seed(cfg.seed, step, a)) for a in range(cfg.grad_accum)]
             losses = forward_backward(net, model, batches, gens, losses_kw, d)
             skipped = optimizer_step(opt, params, ema, step, cfg.max_grad_norm, cfg.ema, start_params, cfg.l2sp, factor)
@@ -317,9 +316,8 @@ def prepare_model(model, parts, lora, grad_ckpt, d):
         model.lora.requires_grad_(True)
         return
     # the logit scale trains with either tower; an SD single file's text encoder has no projection and no scale
-    clip = model.clip
-    towers = {"unet": [model.unet], "text": [clip.text_model, clip.text_projection, clip.logit_scale],
-              "vision": [clip.vision_model, clip.visual_projection, clip.logit_scale]}
+    towers = {"unet": [model.unet], "text": [model.clip.text_model, model.clip.text_projection, model.clip.logit_scale],
+              "vision": [model.clip.vision_model, model.clip.visual_projection, model.clip.logit_scale]}
     for part in parts:
         for m in towers[part]:
             if m is not None:
@@ -400,8 +398,7 @@ def lr_factor(step, warmup, total):
 # ------------------------------------------------------------------------------ one step
 
 def forward_backward(net, model, batches, gens, losses_kw, d):
-    """One step's micro-steps (one per generator), their gradients summed into .grad (averaged over the ranks at
-    the last one). Returns the step's losses (itc, is_, rsc, total), the mean over its micro-steps, on the device."""
+    """One step's micro-steps (one per generator) into .grad -> its losses (itc, is_, rsc, total), on the device."""
     accum, micro_batches = len(gens), []  # all of the step's first: gradient caching embeds them before the micro-steps
     for _ in range(accum):
         images, captions = next(batches)  # pixels, or with --cache-latents Encoded
@@ -425,17 +422,15 @@ def forward_backward(net, model, batches, gens, losses_kw, d):
 
 
 def optimizer_step(opt, params, ema, step, max_grad_norm, ema_decay, start_params=None, l2sp=0.0, factor=1.0):
-    """L2-SP's pull to start_params, clipping, AdamW's step at the peak rates × factor, the EMA. A non-finite gradient
-    skips the step, decided on the device (found_inf: weights, moments, EMA unchanged) -> 1.0 if skipped, else 0."""
-    if l2sp:
-        l2_sp_(params, start_params, l2sp)
+    """L2-SP, clipping, AdamW at the peak rates × factor, the EMA; a non-finite gradient skips it all -> 1.0 if so."""
+    l2_sp_(params, start_params, l2sp)  # nothing when l2sp is 0
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if max_grad_norm:
         torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
     skipped = (~norm.isfinite()).float()
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] * factor
-    opt.found_inf = skipped
+    opt.found_inf = skipped  # decided on the device: weights, moments and EMA stay as they were
     opt.step()
     opt.zero_grad(set_to_none=True)
     if ema is not None:  # warm-up (t = steps before this one): the initial weights fade out early
@@ -496,9 +491,8 @@ def stopped(run, what):
 # ------------------------------------------------------------------------------ validation, checkpoints
 
 def validate(model, params, shown, test_set, ood_set, step, run, res, d):
-    """Test retrieval (and out of domain) and a sample grid of test captions, with `shown` (EMA, WiSE-FT: the weights
-    checkpoints hold) if any: rows of real images, the start model's samples (at step 0), the current model's.
-    -> {split: retrieval} on rank 0."""
+    """Test retrieval (in and out of domain) and a grid of test captions' samples (real, start, now), read with the
+    weights checkpoints hold (`shown`: EMA, WiSE-FT) -> {split: retrieval} on rank 0."""
     found = {}
     if d.master:
         model.eval()

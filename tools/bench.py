@@ -172,7 +172,8 @@ def memory_row(tiny, batch, res, lora, cache, ckpt):
             f.write("1000")
     from config import Config, defaults
     cfg = Config(**{**defaults("tiny" if tiny else "sd15", None), "batch_size": batch, "lora": lora,
-                    "lora_alpha": lora and float(lora), "cache_latents": cache, "grad_ckpt": ckpt, "rsc_t_max": 1000})
+                    "lora_alpha": lora and float(lora), "cache_latents": cache, "grad_ckpt": ckpt,
+                    "lambda_rsc": 0.1, "rsc_t_max": 1000})  # every row through RSC: the most memory a step takes
     d = train.init_distributed()
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2**30
     start = 0.0 if d.cuda else rss()
