@@ -186,7 +186,8 @@ class UniDiff(nn.Module):
         as the README's "The losses" writes them (a λ of 0: not computed, 0). `rsc_form`: kl (losses.rsc_loss),
         kl-one-way, feature, relational or anchored (needs `anchor`, the frozen start CLIP). `generator` (CPU) fixes
         the randomness (BatchDraws). With gradient accumulation `cache` is the step's contrastive_cache and this its
-        micro-step `micro_step`. Each entry is this rank's and micro-step's part; the parts' mean is the step's."""
+        micro-step `micro_step`. Each entry is this rank's and micro-step's part; the parts' mean is the step's
+        (relational and anchored RSC relate this part's rows alone)."""
         B = len(ids)
         draws = BatchDraws(generator, B, ids.device)
         K = 1 if cache is None else len(cache["txt"])  # micro-steps in this optimizer step
