@@ -40,7 +40,7 @@ def test_relative_links_point_into_the_repo():
 def test_links_are_found():
     """The check above would pass vacuously if the pattern matched nothing: the README links its docs and plot."""
     targets = set(relative_links(ROOT / "README.md"))
-    assert "assets/ablation.png" in targets
+    assert "assets/forgetting-front.png" in targets
     assert any(t.startswith("docs/") for t in targets)
 
 

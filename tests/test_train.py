@@ -728,6 +728,7 @@ def test_latent_cache_refuses_an_image_that_fails_to_load(tmp_path, monkeypatch,
 # argv = SIGNAL train-flags...: the signal comes while the latent cache's second batch is written
 SIGNAL_WHILE_CACHING = """
 import os, signal, sys, latent_cache, train
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with Ctrl-C ignored
 real, n = latent_cache.write_rows, [0]
 def write_rows(*a):
     n[0] += 1
