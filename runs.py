@@ -284,8 +284,8 @@ def read_log(run):
 
 
 def trim_log(run, step):
-    """Keep the log's records up to `step` (on rank 0): a run resumed at its checkpoint's step logs the rest again
-    (a run stopped after its last checkpoint may have logged past it), a new run (step -1) starts an empty log."""
+    """Drop the log's records after `step` (rank 0, atomically): a run resumed there logs them again (a run stopped
+    after its last checkpoint may have logged on); a new run (step -1) starts an empty log."""
     if master() and (run / "log.jsonl").is_file():
         tmp = run / "log.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in read_log(run) if r["step"] <= step))
@@ -317,15 +317,12 @@ def draw_curves(run):
     lines = [r for r in records if "total" in r]
     for key in ("total", "itc", "is", "rsc"):
         if any(r[key] for r in lines):  # a loss turned off stays 0: not drawn
-            losses.plot([r["step"] for r in lines], [r[key] for r in lines], label=key)
-    checks = [r for r in records if r.get("retrieval")]
-    for split, style in (("test", "-"), ("out of domain test", "--")):
-        for way, arrow, color in (("i2t", "I→T", "C0"), ("t2i", "T→I", "C1")):
-            got = [r for r in checks if split in r["retrieval"]]
-            if got:
-                name = "in domain" if split == "test" else "out of domain"
-                recall.plot([r["step"] for r in got], [r["retrieval"][split][f"{way}_r1"] for r in got], style,
-                            color=color, marker=".", label=f"{name} {arrow}")
+            losses.plot([r["step"] for r in lines], [r[key] for r in lines], marker=".", label=key)
+    for split, name, style in (("test", "in domain", "-"), ("out of domain test", "out of domain", "--")):
+        got = [r for r in records if split in r.get("retrieval", {})]
+        for way, arrow, color in (("i2t", "I→T", "C0"), ("t2i", "T→I", "C1")) if got else ():
+            recall.plot([r["step"] for r in got], [r["retrieval"][split][f"{way}_r1"] for r in got], style,
+                        color=color, marker=".", label=f"{name} {arrow}")
     for ax, title in ((losses, "training loss"), (recall, "test R@1 (%)")):
         ax.set(title=title, xlabel="step")
         if ax.has_data():
