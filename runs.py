@@ -5,6 +5,7 @@
             transformers CLIPModel), live.safetensors (--ema: the trained weights; the folders hold the EMA),
             lora.safetensors and lora_vision.safetensors (--lora: save_lora) with base_weights.safetensors,
             optimizer.safetensors (AdamW's moments), state.json (step, args)
+        log.jsonl  a JSON object per progress line and per validation (log_line); curves.png (draw_curves)
 
 Nothing is pickled; a checkpoint is written to a hidden temp folder, then renamed (a kill leaves the last one whole).
 """
@@ -33,6 +34,16 @@ class RunError(Exception):
 def autocast(device):
     """The precision of training and sampling: bf16 autocast on a GPU, fp32 on the CPU (bf16 is slow there)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def master():
+    """Rank 0, or the only process: the one that prints and writes the run folder."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def say(*a):
+    if master():
+        print(*a, flush=True)
 
 
 def fmt_time(s):
@@ -248,6 +259,77 @@ def swap_in(params, ema):
         yield
     finally:
         torch._foreach_copy_([p.data for p in params], live)
+
+
+# ------------------------------------------------------------------------------ the run log
+
+def log_line(run, record):
+    """Append a record ({"step": ..., ...}) to `run/log.jsonl`, on rank 0."""
+    if master():
+        with open(run / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_log(run):
+    """The records of `run/log.jsonl` (none if absent); a line a kill cut short is left out."""
+    log = Path(run) / "log.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
+def trim_log(run, step):
+    """Drop the log's records after `step` (rank 0, atomically): a run resumed there logs them again (a run stopped
+    after its last checkpoint may have logged on); a new run (step -1) starts an empty log."""
+    if master() and (run / "log.jsonl").is_file():
+        tmp = run / "log.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in read_log(run) if r["step"] <= step))
+        os.replace(tmp, run / "log.jsonl")
+
+
+def log_validation(run, step, found):
+    """A validation's retrieval ({split: retrieval}) into the log, and the curves drawn again."""
+    log_line(run, {"step": step, "retrieval": found})
+    draw_curves(run)
+
+
+NO_MATPLOTLIB_SAID = set()  # the run folders told that there is no picture: once each
+
+
+def draw_curves(run):
+    """`run/curves.png` from the log: the losses, and test R@1 in and out of domain, over the steps."""
+    try:
+        import matplotlib.figure  # optional: without it the run goes on, with no picture
+    except ImportError:
+        if run not in NO_MATPLOTLIB_SAID:
+            NO_MATPLOTLIB_SAID.add(run)
+            say(f"no {run / 'curves.png'}: matplotlib is not installed (pip install matplotlib); log.jsonl has "
+                "the numbers")
+        return
+    records = read_log(run)
+    fig = matplotlib.figure.Figure(figsize=(10, 4), layout="constrained")
+    losses, recall = fig.subplots(1, 2)
+    lines = [r for r in records if "total" in r]
+    for key in ("total", "itc", "is", "rsc"):
+        if any(r[key] for r in lines):  # a loss turned off stays 0: not drawn
+            losses.plot([r["step"] for r in lines], [r[key] for r in lines], marker=".", label=key)
+    for split, name, style in (("test", "in domain", "-"), ("out of domain test", "out of domain", "--")):
+        got = [r for r in records if split in r.get("retrieval", {})]
+        for way, arrow, color in (("i2t", "I→T", "C0"), ("t2i", "T→I", "C1")) if got else ():
+            recall.plot([r["step"] for r in got], [r["retrieval"][split][f"{way}_r1"] for r in got], style,
+                        color=color, marker=".", label=f"{name} {arrow}")
+    for ax, title in ((losses, "training loss"), (recall, "test R@1 (%)")):
+        ax.set(title=title, xlabel="step")
+        if ax.has_data():
+            ax.legend()
+    tmp = run / "curves.tmp.png"
+    fig.savefig(tmp)
+    os.replace(tmp, run / "curves.png")
 
 
 # ------------------------------------------------------------------------------ images

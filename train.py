@@ -33,8 +33,8 @@ from latent_cache import cached_training_set
 from losses import l2_sp_
 from lora import attention_lora
 from runs import (RunError, StopSignal, Terminated, autocast, check_size, checkpoints, fmt_time, ignore_signals,
-                  latest_checkpoint, load_checkpoint, load_lora, load_row, load_start, read_state, save_checkpoint,
-                  save_grid, save_start, swap_in, terminated, to_uint8)
+                  latest_checkpoint, load_checkpoint, load_lora, load_row, load_start, log_line, log_validation,
+                  read_state, save_checkpoint, save_grid, save_start, say, swap_in, terminated, to_uint8, trim_log)
 from unidiff import UniDiff
 from vae import fit_vae
 from weights import WeightsError
@@ -147,11 +147,6 @@ def resume_command(d):
     return f"torchrun --nproc_per_node={ranks} train.py" if d.ddp else "python train.py"
 
 
-def say(*a):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, flush=True)
-
-
 # ------------------------------------------------------------------------------ setup
 
 class Dist(NamedTuple):
@@ -224,6 +219,7 @@ def resume_from(resume, run):
     if ckpt is not None and ckpt.name != checkpoints(run)[-1].name:
         raise RunError(f"{run} holds checkpoints after {ckpt.name} (the latest is {checkpoints(run)[-1].name}): "
                        f"continuing from {ckpt.name} would mix two runs there; move the later ones out first")
+    trim_log(run, read_state(ckpt)["step"] if ckpt is not None else -1)  # log.jsonl: no line twice, none from before
     return ckpt
 
 
@@ -441,7 +437,7 @@ def optimizer_step(opt, params, ema, step, max_grad_norm, ema_decay, start_param
 
 class Progress:
     """The losses since the last progress line, summed on the device: reading them is a host sync, done only at a
-    line. Whether a step was skipped is read every step (one flag): the run stops at the MAX_SKIPS-th in a row."""
+    line. Whether a step was skipped is read every step (one flag): add returns the skips in a row until now."""
 
     def __init__(self, device, steps, batch_size):
         self.steps, self.batch_size = steps, batch_size
@@ -450,14 +446,13 @@ class Progress:
         self.t_line, self.t_run, self.steps_run = time.time(), 0.0, 0
 
     def add(self, losses, skipped):
-        """Count a step in; returns how many steps in a row have been skipped until now."""
         skipped = int(skipped)
         self.sums += losses
         self.n, self.skipped, self.in_a_row = self.n + 1, self.skipped + skipped, (self.in_a_row + 1) * skipped
         return self.in_a_row
 
     def sync(self, step, factor, run, d):
-        """The progress line up to `step`, the mean over ranks; stops the run when the loss is not finite."""
+        """The progress line up to `step`, logged too, the mean over ranks; stops the run when the loss is not finite."""
         if d.ddp:
             dist.all_reduce(self.sums)
         n, skipped = self.n, self.skipped
@@ -469,6 +464,8 @@ class Progress:
                                f"(itc {mean[0]:.4g}, is {mean[1]:.4g}, rsc {mean[2]:.4g})")
         self.sums.zero_()
         self.skipped = self.n = 0
+        log_line(run, {"step": step, **dict(zip(("itc", "is", "rsc", "total"), mean)), "lr": factor,
+                       "img_s": n * self.batch_size / elapsed, "skipped": skipped})
         return (f"step {step}/{self.steps} | loss {mean[3]:.4f} (itc {mean[0]:.4f} is {mean[1]:.4f} rsc {mean[2]:.4f}) | "
                 f"lr ×{factor:.3f} | {n * self.batch_size / elapsed:.1f} img/s | "
                 f"ETA {fmt_time((self.steps - step) * self.t_run / self.steps_run)}"
@@ -515,6 +512,7 @@ def validate(model, params, shown, test_set, ood_set, step, run, res, d):
             save_grid([gen], start)
         rows = [real, load_row(start, len(picks)), gen] if step and start.is_file() else [real, gen]
         save_grid(rows, run / "samples" / f"step_{step:06d}.png")
+        log_validation(run, step, found)  # and curves.png drawn again
         model.train()
     d.barrier()
     return found

@@ -166,7 +166,7 @@ def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch,
     assert train.main(TINY + ["--steps", "4", "--save-every", "2", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "step_000002 is intact" in err and "Traceback" not in err
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["init", "run.json", "step_000002"]  # no temp left
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["init", "log.jsonl", "run.json", "step_000002"]  # no temp left
     model, ckpt, _ = runs.load_model(tmp_path / "r")
     assert ckpt.name == "step_000002" and isinstance(model, train.UniDiff)
 
@@ -615,15 +615,15 @@ def test_grad_accum_itc_equals_one_batch(tmp_path):
     same_step({**two[0], "losses": (per_step(two[0], 2) + per_step(two[1], 2)) / 2}, one)
 
 
-def world_folder(root, n=12):
-    """A data folder of n 16 px images of the synthetic world and their captions, all in train."""
+def world_folder(root, n=12, test=0):
+    """A data folder of n 16 px images of the synthetic world and their captions, the first `test` in test."""
     from data import open_dataset
     root.mkdir(parents=True)
     world, rows = open_dataset("world", "train", 16), []
     for i in range(n):
         x, text = world[i]
         Image.fromarray(((x.permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()).save(root / f"{i}.png")
-        rows.append(json.dumps({"file_name": f"{i}.png", "text": text, "split": "train"}) + "\n")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": text, "split": "test" if i < test else "train"}) + "\n")
     (root / "metadata.jsonl").write_text("".join(rows))
     return root
 
@@ -858,4 +858,51 @@ def test_full_disk_reported_by_safetensors_keeps_previous_checkpoint(tmp_path, m
     assert train.main(TINY + ["--steps", "4", "--save-every", "2", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "step_000002 is intact" in err and "Traceback" not in err
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["init", "run.json", "step_000002"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["init", "log.jsonl", "run.json", "step_000002"]
+
+
+def logged_flags(tmp_path):
+    """A quick run that validates, in and out of domain (the same 4 test rows: quick)."""
+    data = world_folder(tmp_path / "set", test=4)
+    return cache_flags(data) + ["--eval-every", "2", "--ood-data", str(data)]
+
+
+def test_the_run_logs_each_progress_line_and_validation_and_draws_curves(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert train.main(logged_flags(tmp_path) + ["--steps", "4", "--out", str(run)]) == 0
+    lines = [int(m[1]) for m in re.finditer(r"^step (\d+)/4 \|", capsys.readouterr().out, re.M)]
+    log = runs.read_log(run)
+    progress = [r for r in log if "total" in r]
+    assert [r["step"] for r in progress] == lines == [2, 4]
+    assert progress[0].keys() == {"step", "itc", "is", "rsc", "total", "lr", "img_s", "skipped"}
+    checks = [r for r in log if "retrieval" in r]
+    assert [r["step"] for r in checks] == [0, 2, 4] and len(log) == len(progress) + len(checks)
+    for r in checks:
+        assert r["retrieval"].keys() == {"test", "out of domain test"}
+        assert all(0 <= r["retrieval"][split][f"{way}_r{k}"] <= 100
+                   for split in r["retrieval"] for way in ("i2t", "t2i") for k in (1, 5, 10))
+    assert Image.open(run / "curves.png").size[0] > 0
+
+
+def test_resumed_run_logs_what_a_straight_run_logs(tmp_path, monkeypatch):
+    # b stops after step 2 and saves; a kill after a checkpoint can leave later lines in the log: resuming drops them
+    torch.manual_seed(0)
+    flags = logged_flags(tmp_path) + ["--steps", "4", "--eval-every", "4", "--save-every", "2"]
+    straight_and_interrupted(flags, tmp_path, monkeypatch)
+    runs.log_line(tmp_path / "b", {"step": 3, "total": 1.0})
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "tot')  # a line cut short
+    assert train.main(["--resume", str(tmp_path / "b")]) == 0
+    a, b = ([{k: v for k, v in r.items() if k != "img_s"} for r in runs.read_log(tmp_path / r)] for r in "ab")
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 2, 4, 4]
+    assert b == a  # the same losses and retrieval, as the resume is exact
+    assert (tmp_path / "b" / "curves.png").is_file()
+
+
+def test_without_matplotlib_the_run_goes_on_and_says_so_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    run = tmp_path / "r"
+    assert train.main(logged_flags(tmp_path) + ["--steps", "2", "--eval-every", "1", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("matplotlib is not installed") == 1 and "Traceback" not in out
+    assert not (run / "curves.png").exists() and len(runs.read_log(run)) == 2 + 3  # lines at 1, 2; validations at 0, 1, 2
