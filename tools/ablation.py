@@ -286,7 +286,8 @@ def plot(results, path):
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("R@1 (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if axes[0].lines:  # none with the pretrained arm alone
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
