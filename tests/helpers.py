@@ -1,5 +1,7 @@
 """Small helpers shared by the tests."""
 import ast
+import os
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -91,3 +93,14 @@ def recording(folder):
     finally:
         train.UniDiff.losses = real
         hook.remove()
+
+
+def ctrl_c_at(monkeypatch, train, step):
+    """Ctrl-C to this process as train.py's step `step` begins (when it looks up that step's learning rate)."""
+    real_lr = train.lr_factor
+    def interrupt(s, *a):
+        if s == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr(s, *a)
+    monkeypatch.setattr(train, "lr_factor", interrupt)
+    return real_lr

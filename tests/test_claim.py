@@ -3,7 +3,6 @@ import json
 import re
 import math
 import os
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +17,7 @@ from eval import SAMPLE, embed, retrieval
 from runs import checkpoints, read_state
 from tools import ablation
 from tools.judge import load_judge
+from helpers import ctrl_c_at
 from unidiff import UniDiff
 
 
@@ -141,12 +141,7 @@ def test_ablation_interrupted_says_so_and_the_rerun_measures_only_the_grid(tmp_p
     on the curve (`plot` then crashed), and measures kept with step 3 were reused. A last rerun reuses all."""
     flags = ["--arms", "ITC", "--seeds", "0", "--steps", "4", "--every", "2", "--n-eval", "8", "--n-gen", "4",
              "--train-size", "16", "--out", str(tmp_path)]
-    real_lr = train.lr_factor
-    def interrupt_at_step_2(step, *a):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_lr(step, *a)
-    monkeypatch.setattr(train, "lr_factor", interrupt_at_step_2)
+    real_lr = ctrl_c_at(monkeypatch, train, 2)
     with pytest.raises(SystemExit) as e:
         ablation.main(flags)
     assert e.value.code == 130 and "ITC, seed 0: interrupted" in capsys.readouterr().err

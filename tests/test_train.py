@@ -9,7 +9,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import config
 import runs
 import train
 from lora import attention_lora
-from helpers import assert_same_grads, recording, rel_err
+from helpers import assert_same_grads, ctrl_c_at, recording, rel_err
 from test_data import metadata_folder
 from unidiff import UniDiff
 from weights import read_safetensors
@@ -42,12 +41,7 @@ def weights(ckpt):
 def straight_and_interrupted(flags, tmp_path, monkeypatch):
     """Run `flags` straight into a/, then into b/ with a Ctrl-C during the second step: b/ saves after it, exit 130."""
     assert train.main(flags + ["--out", str(tmp_path / "a")]) == 0
-    real_lr = train.lr_factor
-    def interrupt_at_step_1(step, *a):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_lr(step, *a)
-    monkeypatch.setattr(train, "lr_factor", interrupt_at_step_1)
+    real_lr = ctrl_c_at(monkeypatch, train, 1)
     assert train.main(flags + ["--out", str(tmp_path / "b")]) == 130
     monkeypatch.setattr(train, "lr_factor", real_lr)
 
@@ -133,7 +127,7 @@ def test_lora_resume_equals_straight_run_and_checkpoint_holds_the_merge(tmp_path
     assert {k.split("/")[0] for k in a} >= {"lora.safetensors", "lora_vision.safetensors", "base_weights.safetensors"}
     assert all(k.startswith("optimizer.safetensors/lora.lora_") for k in a if k.startswith("optimizer"))
     assert all(k.startswith("live.safetensors/lora.lora_") for k in a if k.startswith("live"))
-    init, live = weights(tmp_path / "a" / "init"), read_safetensors(ckpt / "live.safetensors")
+    live = read_safetensors(ckpt / "live.safetensors")
     start = UniDiff.from_pretrained(tmp_path / "a" / "init")
     names = {id(m): n for n, m in start.named_modules()}
     path = {name: names[id(ad.target[0])] for name, ad in attention_lora(start, ["unet", "text", "vision"], 2, 4).items()}
