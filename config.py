@@ -81,6 +81,12 @@ class Config:
     lora: int = opt(None, "train low-rank adapters of this rank (e.g. 8) on the attention projections of the --train "
                     "parts,\ntheir weights frozen (lora.py; default none: the weights themselves train)")
     lora_alpha: float = opt(None, "the adapters' update is scaled by alpha / rank (default: the rank, a scale of 1)")
+    # attention by default: the set every run before this flag trained (a resume keeps its own), and the one the docs'
+    # LoRA measurements used; kohya adapts ~2.2x the numbers at equal rank (lora.py: TARGETS)
+    lora_targets: str = opt("attention", "the layers that get adapters: attention (q/k/v/out, as diffusers' LoRA "
+                            "scripts; {default}) or kohya\n(sd-scripts' default: also the UNet transformers' "
+                            "proj_in/out and feed-forward, and CLIP's MLP;\nmore weights, the files as kohya's)",
+                            choices=["attention", "kohya"])
     cache_latents: bool = opt(False, "encode the training images once with the frozen VAE (and CLIP's view of them) "
                               "into\nlatent-cache/ beside the run folder, which later runs and --resume reuse: the "
                               "steps skip the VAE encoder\n(docs/training.md)")
@@ -178,6 +184,10 @@ def parse_args(argv=None):
         state = read_state(ckpt)
         if state["args"].pop("rsc_one_way", False):  # the flag --rsc-form kl-one-way replaced
             state["args"]["rsc_form"] = "kl-one-way"
+        was = state["args"].get("lora_targets", "attention")  # saved before the flag: attention
+        if state["args"].get("lora") and given.get("lora_targets", was) != was:  # the adapters in its files are those
+            p.error(f"--lora-targets {given['lora_targets']}: {ckpt} was trained with --lora-targets {was}; resume it "
+                    "without giving it again")
         # defaults first: a run saved before a flag existed gets that flag's default; new checkpoints go beside it
         args = {**defaults(state["args"]["model"], state["args"]["data"]), **state["args"], **given,
                 "out": str(ckpt.parent)}
@@ -209,6 +219,8 @@ def check(cfg, given, error):
         # α = r: the update is B A as trained, as in diffusers' SD LoRA script (kohya's sd-scripts default to
         # --network_alpha 1, a scale of 1/r); the paper instead fixes α while it varies r
         cfg.lora_alpha = float(cfg.lora)
+    if "lora_targets" in given and not cfg.lora:  # else ignored: the weights themselves would train
+        error(f"--lora-targets {given['lora_targets']}: chooses LoRA's layers; give --lora RANK too")
     if "lora_alpha" in given and not cfg.lora:  # else ignored: the weights themselves would train
         error(f"--lora-alpha {given['lora_alpha']:g}: scales LoRA's adapters; give --lora RANK too")
     if "ood_data" in given and not cfg.eval_every:  # else never opened: a typo in it would pass unsaid

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from PIL import Image
 from safetensors import SafetensorError
 
-from lora import attention_lora, merge, merged, unmerge
+from lora import add_lora, merge, merged, unmerge
 from unidiff import UniDiff
 from weights import load_strict, read_safetensors, save_safetensors
 
@@ -142,7 +142,8 @@ def load_model(path, weights=None):
     if weights == "live" and live.is_file():
         args = read_state(ckpt)["args"]
         if args.get("lora"):  # the folders hold base + the EMA adapters: base + the trained adapters instead
-            model.lora = attention_lora(model, args["train"].split(","), args["lora"], args["lora_alpha"])
+            model.lora = add_lora(model, args["train"].split(","), args["lora"], args["lora_alpha"],
+                                  targets=args.get("lora_targets", "attention"))  # saved before the flag: attention
             load_lora(ckpt, model.lora)
         load_params(model, read_safetensors(live))
         merge(model.lora)

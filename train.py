@@ -31,7 +31,7 @@ from download import pretrained
 from eval import SAMPLE, embed, generate, retrieval
 from latent_cache import cached_training_set
 from losses import l2_sp_
-from lora import attention_lora
+from lora import add_lora
 from runs import (RunError, StopSignal, Terminated, autocast, check_size, checkpoints, fmt_time, ignore_signals,
                   latest_checkpoint, load_checkpoint, load_lora, load_row, load_start, log_line, log_validation,
                   read_state, save_checkpoint, save_grid, save_start, say, swap_in, terminated, to_uint8, trim_log)
@@ -75,7 +75,7 @@ def train(cfg):
     model = start_model(cfg, ckpt, run, train_set, d)
     start = frozen_start(cfg, ckpt, model, run, d)
     parts = present(model, parts)
-    add_adapters(model, parts, cfg.lora, cfg.lora_alpha, cfg.seed, ckpt)
+    add_adapters(model, parts, cfg.lora, cfg.lora_alpha, cfg.seed, ckpt, cfg.lora_targets)
     prepare_model(model, parts, cfg.lora, cfg.grad_ckpt, d)
     opt, named = make_optimizer(model, cfg.lr_unet, cfg.lr_clip)
     params = [p for _, p in named]
@@ -284,18 +284,18 @@ def wise_ft(params, start_params, alpha):
     return [torch.lerp(p0.float(), p.detach().float(), alpha) for p0, p in zip(start_params, params)]
 
 
-def add_adapters(model, parts, rank, alpha, seed, ckpt):
+def add_adapters(model, parts, rank, alpha, seed, ckpt, targets):
     """--lora `rank`: seeded adapters on the `parts` (lora.py); resuming, the base weights and adapters of its files."""
     if not rank:
         return
-    model.lora = attention_lora(model, parts, rank, alpha, torch.Generator().manual_seed(seed))
+    model.lora = add_lora(model, parts, rank, alpha, torch.Generator().manual_seed(seed), targets)
     if ckpt is not None:
         was = read_state(ckpt)["args"]
         if (was.get("lora"), was.get("lora_alpha")) != (rank, alpha):
             how = f"with --lora {was['lora']} --lora-alpha {was['lora_alpha']:g}" if was.get("lora") else "without --lora"
             raise RunError(f"{ckpt} was trained {how}: resume it without giving --lora or --lora-alpha again")
         load_lora(ckpt, model.lora)
-    say(f"LoRA: rank {rank}, alpha {alpha:g}, on {len(model.lora)} attention projections of "
+    say(f"LoRA: rank {rank}, alpha {alpha:g}, on {len(model.lora)} layers ({targets}) of "
         f"{', '.join(parts)}: {sum(p.numel() for p in model.lora.parameters()):,} numbers train instead of their "
         f"{sum(a.target[0].weight.numel() for a in model.lora.values()):,}; the base weights are frozen")
 

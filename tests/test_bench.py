@@ -26,12 +26,12 @@ def check_memory_rows(rows, stdout):
     """The memory table: each row measured (its own process), its trained numbers and fp32 state counted here
     from the model itself, its peak above that state."""
     import torch
-    from lora import attention_lora
+    from lora import add_lora
     from unidiff import UniDiff
     m = UniDiff.tiny()
     total = sum(p.numel() for p in m.parameters())
     full = total - sum(p.numel() for p in m.vae.parameters())  # all but the frozen VAE
-    adapters = attention_lora(m, ["unet", "text", "vision"], 16, 16.0, torch.Generator().manual_seed(0))
+    adapters = add_lora(m, ["unet", "text", "vision"], 16, 16.0, torch.Generator().manual_seed(0))
     lora = sum(p.numel() for p in adapters.parameters())
     assert lora == sum(16 * (a.target[0].in_features + a.target[0].out_features) for a in adapters.values())
     assert [(r["lora"], r["cache"], r["ckpt"]) for r in rows] == [

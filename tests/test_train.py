@@ -22,7 +22,7 @@ from PIL import Image
 import config
 import runs
 import train
-from lora import attention_lora
+from lora import add_lora
 from helpers import assert_same_grads, ctrl_c_at, recording, rel_err
 from test_data import metadata_folder
 from unidiff import UniDiff
@@ -130,7 +130,7 @@ def test_lora_resume_equals_straight_run_and_checkpoint_holds_the_merge(tmp_path
     live = read_safetensors(ckpt / "live.safetensors")
     start = UniDiff.from_pretrained(tmp_path / "a" / "init")
     names = {id(m): n for n, m in start.named_modules()}
-    path = {name: names[id(ad.target[0])] for name, ad in attention_lora(start, ["unet", "text", "vision"], 2, 4).items()}
+    path = {name: names[id(ad.target[0])] for name, ad in add_lora(start, ["unet", "text", "vision"], 2, 4).items()}
     folder = {f"unet.{k.split('/', 2)[2]}" if k.startswith("unet/") else f"clip.{k.split('/', 2)[2]}": v
               for k, v in a.items() if k.startswith(("unet/", "clip/"))}
     start_sd = start.state_dict()
