@@ -78,7 +78,7 @@ class Config:
     vae_steps: int = opt(200, "tiny only: steps fitting its random VAE as an autoencoder first ({default})")
     ood_data: str = opt(None, "validation also reports retrieval on this data's test split: what fine-tuning "
                         "forgets\nout of its domain (default none; demo world)")
-    lora: int = opt(None, "train low-rank adapters of this rank (e.g. 8) on the attention projections of the --train "
+    lora: int = opt(None, "train low-rank adapters of this rank (e.g. 8) on the --lora-targets layers of the --train "
                     "parts,\ntheir weights frozen (lora.py; default none: the weights themselves train)")
     lora_alpha: float = opt(None, "the adapters' update is scaled by alpha / rank (default: the rank, a scale of 1)")
     # attention by default: the set every run before this flag trained (a resume keeps its own), and the one the docs'

@@ -118,6 +118,9 @@ def test_lora_resume_equals_straight_run_and_checkpoint_holds_the_merge(tmp_path
     (old / "base_weights.safetensors").rename(old / "lora_base.safetensors")
     assert train.main(["--resume", str(tmp_path / "b"), "--lora", "4"]) == 2  # another rank: refused
     assert "was trained with --lora 2 --lora-alpha 4: resume it without giving --lora" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # other layers than its files' adapters: refused
+        train.main(["--resume", str(tmp_path / "b"), "--lora-targets", "kohya"])
+    assert "was trained with --lora-targets attention; resume it without giving it again" in capsys.readouterr().err
     assert train.main(["--resume", str(tmp_path / "b")]) == 0
 
     ckpt = tmp_path / "a" / "step_000004"
@@ -332,6 +335,7 @@ def test_batch_and_grad_accum_below_one_stop_with_one_line(capsys):
     (["--train-size", "-1"], "--train-size -1: the first N training items, at least 1"),  # traceback
     (["--lora", "2", "--lora-alpha", "0"], "--lora-alpha 0.0: scales the adapters' update by alpha / rank"),  # froze them
     (["--lora-alpha", "16"], "--lora-alpha 16: scales LoRA's adapters; give --lora RANK too"),  # a full fine-tune
+    (["--lora-targets", "kohya"], "--lora-targets kohya: chooses LoRA's layers; give --lora RANK too"),  # ignored
     (["--ood-data", "wrold", "--eval-every", "0"], "--ood-data wrold: measured at each validation"),  # never opened
 ])
 def test_out_of_range_numbers_stop_with_one_line(flags, says, capsys):
