@@ -182,7 +182,7 @@ def memory_row(tiny, batch, res, lora, cache, ckpt):
         model = random_model(tiny)
     parts = train.trained_parts(cfg.train)
     if lora:
-        train.add_adapters(model, parts, cfg.lora, cfg.lora_alpha, cfg.seed, None)
+        train.add_adapters(model, parts, cfg.lora, cfg.lora_alpha, cfg.seed, None, cfg.lora_targets)
     train.prepare_model(model, parts, cfg.lora, cfg.grad_ckpt, d)
     opt, named = train.make_optimizer(model, cfg.lr_unet, cfg.lr_clip)
     params = [p for _, p in named]
