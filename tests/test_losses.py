@@ -198,6 +198,7 @@ def ddp_worker(rank, port, out):
     res = {K: parts(model, K) for K in (1, 2)}
     out.put((rank, {K: {n: (v, {k: g.tolist() for k, g in grads.items()}) for n, (v, grads) in r.items()}
                     for K, r in res.items()}))  # lists: no shared memory between processes
+    dist.barrier()  # neither rank tears its connection down while the other still uses it (gloo aborted, once)
     dist.destroy_process_group()
 
 
