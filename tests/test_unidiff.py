@@ -195,8 +195,10 @@ def test_training_step_reads_nothing_back_from_the_device():
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
     torch.manual_seed(0)
-    for t_max in (0, 500, 1000):  # RSC on none, some and all of the rows
-        out = m.losses(torch.empty(4, 3, 32, 32, device="meta"), ids, t_max=t_max)
+    anchor = UniDiff.tiny(seed=1).clip.to("meta").requires_grad_(False)
+    for t_max, form in [(0, "kl"), (500, "kl"), (1000, "kl"), (500, "feature"), (500, "relational"),
+                        (500, "anchored")]:  # RSC on none, some and all of the rows; each form
+        out = m.losses(torch.empty(4, 3, 32, 32, device="meta"), ids, t_max=t_max, rsc_form=form, anchor=anchor)
         out["total"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

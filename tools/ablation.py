@@ -165,11 +165,14 @@ def write_atomic(path, write):
         tmp.unlink(missing_ok=True)
 
 
+def mean_std(xs):
+    """(mean, std) over seeds; std 0 for one seed."""
+    t = torch.tensor(xs, dtype=torch.float64)
+    return t.mean().item(), t.std().item() if len(xs) > 1 else 0.0
+
+
 def summary(results):
     """{arm: {measure: (mean, std over seeds)}} of the final measures."""
-    def mean_std(xs):
-        t = torch.tensor(xs, dtype=torch.float64)
-        return t.mean().item(), t.std().item() if len(xs) > 1 else 0.0
     return {arm: {k: mean_std([s["final"][k] for s in seeds.values()]) for k in next(iter(seeds.values()))["final"]}
             for arm, seeds in results.items()}
 
@@ -214,7 +217,6 @@ def front_points(seeds):
     for m in runs:
         for w in m["wise"]:
             points[w["alpha"]].append(w)
-    mean_std = lambda xs: (sum(xs) / len(xs), torch.tensor(xs, dtype=torch.float64).std().item() if len(xs) > 1 else 0.0)
     return {a: tuple(mean_std([r1(m, side) for m in ms]) for side in ("in", "out")) for a, ms in sorted(points.items())}
 
 
