@@ -26,14 +26,14 @@ SAMPLE = dict(n=8, steps=25, guidance=5.0)  # the validation grid: 8 test captio
 def embed_images(model, pixels, batch=64):
     """L2-normalised CLIP image embeddings (N, D), float32 on the CPU."""
     dev = next(model.parameters()).device
-    out = [model.clip.encode_image(model.clip_pixels(pixels[i:i + batch].to(dev))) for i in range(0, len(pixels), batch)]
+    out = [model.image_embeddings(pixels[i:i + batch].to(dev)) for i in range(0, len(pixels), batch)]
     return F.normalize(torch.cat(out).float(), dim=-1).cpu()
 
 
 @torch.no_grad()
 def embed_texts(model, captions, batch=256):
     dev = next(model.parameters()).device
-    out = [model.clip.encode_text(model.tokenizer(captions[i:i + batch]).to(dev)) for i in range(0, len(captions), batch)]
+    out = [model.text_embeddings(model.tokenizer(captions[i:i + batch]).to(dev)) for i in range(0, len(captions), batch)]
     return F.normalize(torch.cat(out).float(), dim=-1).cpu()
 
 

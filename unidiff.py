@@ -276,6 +276,14 @@ class UniDiff(nn.Module):
                 rsc_rows += int((draws.timesteps(len(self.alphas_cumprod)) < t_max).sum())
         return dict(img=img, txt=txt, rsc_rows=rsc_rows)
 
+    def image_embeddings(self, pixels):
+        """Pixels (B, 3, H, W) in [-1, 1] -> CLIP's projected image embeddings (B, D), not normalised."""
+        return self.clip.encode_image(self.clip_pixels(pixels))
+
+    def text_embeddings(self, ids):
+        """(B, 77) token ids -> CLIP's projected text embeddings (B, D), not normalised."""
+        return self.clip.encode_text(ids)
+
     @torch.no_grad()
     def generate(self, prompts, steps=50, guidance=7.5, seed=0, height=512, width=512):
         """Text -> images, uint8 (B, H, W, 3): DDIM with classifier-free guidance, then the VAE decoder."""
