@@ -2,6 +2,7 @@
 the fields (its help shows each preset's value), and the range checks, one line each. For example
 parse_args(["--data", "demo", "--steps", "50"]) is Config(data='demo', model='tiny', steps=50, ...)."""
 import argparse
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -90,6 +91,10 @@ class Config:
     cache_latents: bool = opt(False, "encode the training images once with the frozen VAE (and CLIP's view of them) "
                               "into\nlatent-cache/ beside the run folder, which later runs and --resume reuse: the "
                               "steps skip the VAE encoder\n(docs/training.md)")
+    # a launch's choice, as the number of ranks is: a resume shards only when given it again
+    fsdp: bool = opt(False, "under torchrun: shard the weights, gradients and AdamW's state over the ranks (FSDP2) "
+                     "instead of\na whole copy on each (DDP): for a model whose training state does not fit one GPU "
+                     "(docs/training.md)")
     train_size: int = opt(None, "train on the first N items of the training split (default: all of them)")
     resume: str = opt(None, "continue the run in this folder from its latest checkpoint (flags given again override)")
 
@@ -182,6 +187,7 @@ def parse_args(argv=None):
             p.error(f"--out {given['out']}: a resumed run goes on in its own folder, {ckpt.parent}; to branch it, "
                     "copy that folder and --resume the copy")
         state = read_state(ckpt)
+        state["args"].pop("fsdp", None)
         if state["args"].pop("rsc_one_way", False):  # the flag --rsc-form kl-one-way replaced
             state["args"]["rsc_form"] = "kl-one-way"
         was = state["args"].get("lora_targets", "attention")  # saved before the flag: attention
@@ -229,5 +235,19 @@ def check(cfg, given, error):
         error("--wise-ft with --ema or --lora: choose one way of averaging the weights")
     if cfg.l2sp and cfg.lora:  # the adapters have no start weights to be pulled towards
         error("--l2sp with --lora: LoRA already keeps the base weights; use one or the other")
+    if cfg.fsdp:
+        check_fsdp(cfg, error)
     if not (cfg.lambda_itc or cfg.lambda_is or cfg.lambda_rsc):
         error("--lambda-itc, --lambda-is and --lambda-rsc are all 0: no loss is left to train")
+
+
+def check_fsdp(cfg, error):
+    """--fsdp's refusals: what cannot run sharded."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:  # one process: nothing to shard over
+        error("--fsdp shards over the ranks of torchrun --nproc_per_node=N, N ≥ 2; this is one process")
+    if cfg.lora:  # merging the adapters into sharded weights is not written; the adapters alone are small anyway
+        error("--fsdp with --lora: LoRA trains a few MB, which DDP holds whole on each rank; drop --fsdp")
+    if cfg.compile:  # UniDiff.compile compiles whole networks, across the blocks' FSDP hooks
+        error("--fsdp with --compile: the networks compile whole, across FSDP's per-block gathers; drop one")
+    if cfg.lambda_rsc and cfg.rsc_form == "anchored":  # a whole frozen copy per rank, what FSDP is there to avoid
+        error("--fsdp with --rsc-form anchored: it reads a whole frozen start CLIP on each rank; use DDP or another form")

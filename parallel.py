@@ -5,6 +5,7 @@ Under FSDP the weights are DTensors. A block gathers its own weights as it runs 
 is gathered whole onto rank 0's CPU and written in the same layouts as without FSDP, so --resume, sample.py,
 eval.py, diffusers and ComfyUI read it unchanged."""
 import os
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -65,7 +66,7 @@ def wrap(model, compile, every_loss_on, d):
 def no_sync(net, last):
     """DDP all-reduces at the last micro-step only. FSDP reduce-scatters at every one: the simplest correct choice,
     since skipping it would keep whole unsharded gradients on each rank until the last."""
-    return net.no_sync() if isinstance(net, DDP) and not last else torch.enable_grad()
+    return net.no_sync() if isinstance(net, DDP) and not last else nullcontext()
 
 
 def shard(model, d):

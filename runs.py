@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from lora import add_lora, merge, merged, unmerge
+from parallel import like, local
 from unidiff import UniDiff
 from weights import load_strict, read_safetensors, save_safetensors
 
@@ -155,7 +156,7 @@ def load_params(model, tensors):
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
+            params[name].copy_(like(value, params[name]))  # under FSDP: this rank's shard
 
 
 def save_start(run, model, start, args):
@@ -182,8 +183,9 @@ def load_start(run):
 
 # ------------------------------------------------------------------------------ checkpoints
 
-def save_checkpoint(run, step, model, named, opt, ema, state):
-    """Write `run/step_XXXXXX/` atomically; the model folders hold the EMA if any, and LoRA adapters merged."""
+def save_checkpoint(run, step, model, named, opt_tensors, ema, state):
+    """Write `run/step_XXXXXX/` atomically; the model folders hold the EMA if any, and LoRA adapters merged;
+    `opt_tensors`: AdamW's state (optimizer_tensors)."""
     final, tmp = run / f"step_{step:06d}", run / f".step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -191,7 +193,7 @@ def save_checkpoint(run, step, model, named, opt, ema, state):
             model.save(tmp)
             if model.lora:
                 save_lora(model.lora, base, tmp)
-        save_safetensors(optimizer_tensors(opt, named), tmp / "optimizer.safetensors")
+        save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
         if ema is not None:
             save_safetensors(dict(named), tmp / "live.safetensors")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -213,8 +215,9 @@ def load_checkpoint(ckpt, model, named, opt):
         load_params(model, read_safetensors(ckpt / "live.safetensors"))
     tensors = read_safetensors(ckpt / "optimizer.safetensors")
     state = {}
-    for i, (name, _) in enumerate(named):  # state_dict() numbers the parameters in group order, as `named`
-        if s := {k: tensors[f"{name}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq") if f"{name}.{k}" in tensors}:
+    for i, (name, p) in enumerate(named):  # state_dict() numbers the parameters in group order, as `named`
+        if s := {k: tensors[f"{name}.{k}"] if k == "step" else like(tensors[f"{name}.{k}"], p)
+                 for k in ("step", "exp_avg", "exp_avg_sq") if f"{name}.{k}" in tensors}:
             state[i] = s
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     return read_state(ckpt)["step"]
@@ -255,11 +258,11 @@ def swap_in(params, ema):
         yield
         return
     live = [p.detach().clone() for p in params]
-    torch._foreach_copy_([p.data for p in params], ema)
+    torch._foreach_copy_([local(p.data) for p in params], [local(e) for e in ema])  # FSDP: shard by shard
     try:
         yield
     finally:
-        torch._foreach_copy_([p.data for p in params], live)
+        torch._foreach_copy_([local(p.data) for p in params], [local(t) for t in live])
 
 
 # ------------------------------------------------------------------------------ the run log

@@ -15,13 +15,11 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from clip import Tokenizer
@@ -32,9 +30,11 @@ from eval import SAMPLE, embed, generate, retrieval
 from latent_cache import cached_training_set
 from losses import l2_sp_
 from lora import add_lora
+from parallel import all_finite, init_distributed, like, no_sync, shard, whole, wrap
 from runs import (RunError, StopSignal, Terminated, autocast, check_size, checkpoints, fmt_time, ignore_signals,
                   latest_checkpoint, load_checkpoint, load_lora, load_row, load_start, log_line, log_validation,
-                  read_state, save_checkpoint, save_grid, save_start, say, swap_in, terminated, to_uint8, trim_log)
+                  optimizer_tensors, read_state, save_checkpoint, save_grid, save_start, say, swap_in, terminated,
+                  to_uint8, trim_log)
 from unidiff import UniDiff
 from vae import fit_vae
 from weights import WeightsError
@@ -66,7 +66,7 @@ def main(argv=None):
 
 
 def train(cfg):
-    d = init_distributed()
+    d = init_distributed(cfg.fsdp)
     run = Path(cfg.out)
     micro = micro_batch(cfg.batch_size, cfg.grad_accum, d.world)
     parts = trained_parts(cfg.train)
@@ -77,13 +77,16 @@ def train(cfg):
     parts = present(model, parts)
     add_adapters(model, parts, cfg.lora, cfg.lora_alpha, cfg.seed, ckpt, cfg.lora_targets)
     prepare_model(model, parts, cfg.lora, cfg.grad_ckpt, d)
+    if d.fsdp:  # before the optimizer: it holds the shards
+        shard(model, d)
     opt, named = make_optimizer(model, cfg.lr_unet, cfg.lr_clip)
     params = [p for _, p in named]
     ema = [p.detach().float().clone() for p in params] if cfg.ema else None  # resuming: the checkpoint's EMA,
     step = load_checkpoint(ckpt, model, named, opt) if ckpt is not None else 0  # then its trained weights
     seen = read_state(ckpt)["samples_seen"] if ckpt is not None else 0  # the data position: --batch-size may change
     say(f"model: {cfg.model}, training {', '.join(parts)} ({sum(p.numel() for p in params) / 1e6:.1f}M parameters); "
-        f"global batch {cfg.batch_size} = {d.world} rank(s) × {cfg.grad_accum} micro-step(s) × {micro}; {cfg.res} px; "
+        f"global batch {cfg.batch_size} = {d.world} rank(s){' (FSDP)' * d.fsdp} × {cfg.grad_accum} micro-step(s) × "
+        f"{micro}; {cfg.res} px; "
         f"{'bf16 autocast on ' + torch.cuda.get_device_name(d.device) if d.cuda else 'fp32 on CPU'}")
     if cfg.cache_latents:  # after prepare_model: the encoding runs on the device
         train_set = cached_training_set(model, train_set, cfg.data, cfg.res, run, micro, d, say,
@@ -91,7 +94,7 @@ def train(cfg):
     net = wrap(model, cfg.compile, cfg.lambda_itc and cfg.lambda_is and cfg.lambda_rsc, d)
     batches = iter(make_loader(train_set, micro, seen, cfg.seed, cfg.workers, d))
     losses_kw = dict(cfg.losses_kw(), anchor=start and start.clip)
-    start_params = [start.get_parameter(n) for n, _ in named] if cfg.l2sp or cfg.wise_ft < 1 else None  # θ₀
+    start_params = [like(start.get_parameter(n), p) for n, p in named] if cfg.l2sp or cfg.wise_ft < 1 else None  # θ₀
     shown = lambda: wise_ft(params, start_params, cfg.wise_ft) if cfg.wise_ft < 1 else ema  # saved and validated
 
     with StopSignal(d.ddp, say) as stop:
@@ -144,37 +147,10 @@ def summary(step, run, first, last):
 def resume_command(d):
     """How to launch this run again: python, or torchrun with this node's number of ranks."""
     ranks = os.environ.get("LOCAL_WORLD_SIZE", d.world)
-    return f"torchrun --nproc_per_node={ranks} train.py" if d.ddp else "python train.py"
+    return f"torchrun --nproc_per_node={ranks} train.py{' --fsdp' * d.fsdp}" if d.ddp else "python train.py"
 
 
 # ------------------------------------------------------------------------------ setup
-
-class Dist(NamedTuple):
-    """This process's place: the only one, or one DDP rank of `world` (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK)."""
-    ddp: bool
-    rank: int
-    world: int
-    device: torch.device
-    master: bool  # rank 0 writes the run folder and validates
-    cuda: bool  # the device is a GPU
-
-    def barrier(self):
-        if self.ddp:
-            dist.barrier()
-
-
-def init_distributed():
-    """DDP when torchrun started several processes; the device: this rank's GPU, else the CPU."""
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    rank = dist.get_rank() if ddp else 0
-    return Dist(ddp, rank, dist.get_world_size() if ddp else 1, device, rank == 0, device.type == "cuda")
-
 
 def micro_batch(batch_size, grad_accum, world):
     """The samples of one rank's micro-step: --batch-size is split over the ranks and the --grad-accum micro-steps."""
@@ -276,7 +252,8 @@ def frozen_start(cfg, ckpt, model, run, d):
     if not (cfg.l2sp or cfg.wise_ft < 1 or cfg.lambda_rsc and cfg.rsc_form == "anchored"):
         return None
     start = copy.deepcopy(model) if ckpt is None else load_start(run)[0]
-    return start.to(d.device).requires_grad_(False).eval()
+    # FSDP: θ₀ is sharded as the weights are (train), a tensor at a time from the host
+    return start.to("cpu" if d.fsdp else d.device).requires_grad_(False).eval()
 
 
 def wise_ft(params, start_params, alpha):
@@ -332,15 +309,6 @@ def make_optimizer(model, lr_unet, lr_clip):
                               "weight_decay": 1e-2 if decay else 0.0} for (part, decay), g in groups.items()],
                             betas=(0.9, 0.999), eps=1e-8, fused=True)  # fused: can skip a step on device (found_inf)
     return opt, [np_ for g in groups.values() for np_ in g]  # in group order: the optimizer numbers them so
-
-
-def wrap(model, compile, every_loss_on, d):
-    """What the steps call: the model compiled (each network in place, before DDP sees it), under DDP wrapped."""
-    if compile:
-        model.compile()
-    # a λ of 0 leaves parts without gradient: DDP must then look for unused parameters
-    return DDP(model, device_ids=[d.device.index] if d.cuda else None, broadcast_buffers=False,
-               find_unused_parameters=not every_loss_on) if d.ddp else model
 
 
 def loader_workers(workers, d):
@@ -409,7 +377,7 @@ def forward_backward(net, model, batches, gens, losses_kw, d):
                                             losses_kw["t_max"])
     losses = torch.zeros(4, device=d.device)
     for a, (images, ids) in enumerate(micro_batches):
-        with nullcontext() if not d.ddp or a == accum - 1 else net.no_sync():  # all-reduce once
+        with no_sync(net, a == accum - 1):
             with autocast(d.device):
                 out = net(images, ids, generator=gens[a], cache=cache, micro_step=a, **losses_kw)
             (out["total"] / accum).backward()
@@ -421,6 +389,7 @@ def optimizer_step(opt, params, ema, step, max_grad_norm, ema_decay, start_param
     """L2-SP, clipping, AdamW at the peak rates × factor, the EMA; a non-finite gradient skips it all -> 1.0 if so."""
     l2_sp_(params, start_params, l2sp)  # nothing when l2sp is 0
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: replicated, the same on every rank
     if max_grad_norm:
         torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
     skipped = (~norm.isfinite()).float()
@@ -491,31 +460,40 @@ def validate(model, params, shown, test_set, ood_set, step, run, res, d):
     """Test retrieval (in and out of domain) and a grid of test captions' samples (real, start, now), read with the
     weights checkpoints hold (`shown`: EMA, WiSE-FT) -> {split: retrieval} on rank 0."""
     found = {}
-    if d.master:
+    if d.master or d.fsdp:  # sharded weights: every rank takes part in each forward, rank 0 writes
         model.eval()
         with swap_in(params, shown), autocast(d.device):
-            picks = distinct(test_set.captions, SAMPLE["n"])
-            vision = model.clip.vision_model is not None  # retrieval embeds images: a text encoder alone only samples
-            say(f"step {step} | validation: " + (f"embedding {len(test_set)} test pairs, then " if vision else "")
-                + f"sampling {len(picks)} test captions ({SAMPLE['steps']} DDIM steps)")
-            for name, ds in (("test", test_set), ("out of domain test", ood_set)):
-                if ds is not None and vision:
-                    r = found[name] = retrieval(*embed(model, ds), ds.captions)
-                    say(f"step {step} | {name} retrieval, {len(ds)} pairs{' (saved weights)' if shown else ''}: "
-                        f"I→T R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} | "
-                        f"T→I {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f} | chance R@1 {r['chance_r1']:.1f} (%)")
-            real = to_uint8(torch.stack([test_set[i][0] for i in picks]))
-            gen = generate(model, [test_set.captions[i] for i in picks], SAMPLE["steps"], SAMPLE["guidance"], 0, res,
-                           batch=SAMPLE["n"])  # one batch: at most n captions
+            found, picks, gen = measure(model, shown, test_set, ood_set, step, res)
+        if d.fsdp:  # the root keeps its gathered weights after a forward without backward: free them
+            model.reshard()
+        model.train()
+    if d.master:
         start = run / "samples" / "start.png"  # the start model's row: drawn once, before training
         if step == 0:
             save_grid([gen], start)
+        real = to_uint8(torch.stack([test_set[i][0] for i in picks]))
         rows = [real, load_row(start, len(picks)), gen] if step and start.is_file() else [real, gen]
         save_grid(rows, run / "samples" / f"step_{step:06d}.png")
         log_validation(run, step, found)  # and curves.png drawn again
-        model.train()
     d.barrier()
     return found
+
+
+def measure(model, shown, test_set, ood_set, step, res):
+    """Validation's forwards -> ({split: retrieval}, the sampled test captions' indices, their samples)."""
+    found, picks = {}, distinct(test_set.captions, SAMPLE["n"])
+    vision = model.clip.vision_model is not None  # retrieval embeds images: a text encoder alone only samples
+    say(f"step {step} | validation: " + (f"embedding {len(test_set)} test pairs, then " if vision else "")
+        + f"sampling {len(picks)} test captions ({SAMPLE['steps']} DDIM steps)")
+    for name, ds in (("test", test_set), ("out of domain test", ood_set)):
+        if ds is not None and vision:
+            r = found[name] = retrieval(*embed(model, ds), ds.captions)
+            say(f"step {step} | {name} retrieval, {len(ds)} pairs{' (saved weights)' if shown else ''}: "
+                f"I→T R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} | "
+                f"T→I {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f} | chance R@1 {r['chance_r1']:.1f} (%)")
+    gen = generate(model, [test_set.captions[i] for i in picks], SAMPLE["steps"], SAMPLE["guidance"], 0, res,
+                   batch=SAMPLE["n"])  # one batch: at most n captions
+    return found, picks, gen
 
 
 def distinct(captions, n):
@@ -528,13 +506,15 @@ def distinct(captions, n):
 
 def save(model, named, opt, shown, step, seen, run, cfg, d):
     """A checkpoint (rank 0 writes it) with the run's settings; the run stops if the weights are not finite."""
-    tensors = [p for _, p in named] + (shown or [])  # every rank checks (the same weights), so all stop together
-    if not torch.stack([t.isfinite().all() for t in tensors]).all():
+    if not all_finite([p for _, p in named] + (shown or []), d):  # every rank knows: all stop together
         raise stopped(run, f"the weights are not finite after step {step}")
+    tensors = optimizer_tensors(opt, named)
+    if d.fsdp:  # gathered whole, in the layouts a run without FSDP writes
+        model, named, tensors, shown = whole(model, named, tensors, shown, d)
     if d.master:
         state = {"step": step, "samples_seen": seen, "world": d.world, "args": vars(cfg),
                  "rng": "derived: a generator seeded by (seed, step, micro-step) each micro-step"}
-        say(f"step {step} | saved {save_checkpoint(run, step, model, named, opt, shown, state)}")
+        say(f"step {step} | saved {save_checkpoint(run, step, model, named, tensors, shown, state)}")
     d.barrier()
 
 

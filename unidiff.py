@@ -227,7 +227,8 @@ class UniDiff(nn.Module):
             rsc = relational_loss(img_emb[sel] if lambda_itc else self.clip.encode_image(real[sel]), mid[0][sel])
         elif lambda_rsc:  # RSC: the R rows with t < t_max, real and generated in one step, against the step's captions
             rows = (t_all[draws.mine] < t_max).nonzero()[:, 0]  # on the host: no sync, R = len(rows) known
-            if len(rows):
+            # every rank runs the towers if any has rows, R = 0 or not: under FSDP each rank's forward gathers weights
+            if (t_all < t_max).any():
                 sel = draws.to_device(rows)
                 gen_emb = self.clip.encode_image(self.one_step_images(zt[sel], pred[sel], t[sel], real.shape[-1]))
                 real_emb = img_emb[sel] if lambda_itc else self.clip.encode_image(real[sel])  # (R, D) each

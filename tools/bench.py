@@ -167,6 +167,7 @@ def memory_row(tiny, batch, res, lora, cache, ckpt):
     import resource
     from itertools import repeat
     import train
+    from parallel import init_distributed
     if os.path.exists("/proc/self/oom_score_adj"):  # Linux: if the machine runs out, the kernel ends this process
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")
@@ -174,7 +175,7 @@ def memory_row(tiny, batch, res, lora, cache, ckpt):
     cfg = Config(**{**defaults("tiny" if tiny else "sd15", None), "batch_size": batch, "lora": lora,
                     "lora_alpha": lora and float(lora), "cache_latents": cache, "grad_ckpt": ckpt,
                     "lambda_rsc": 0.1, "rsc_t_max": 1000})  # every row through RSC: the most memory a step takes
-    d = train.init_distributed()
+    d = init_distributed()
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2**30
     start = 0.0 if d.cuda else rss()
     torch.manual_seed(0)
