@@ -65,24 +65,27 @@ def assert_same_grads(ours, ref, rtol=1e-5):
 def recording(folder):
     """While inside, train.py writes to folder/rank<r>.safetensors each micro-step's losses (`losses`, (n, 4):
     itc, is_, rsc, total) and the gradients of its first optimizer step (`grad.<name>`) as the optimizer gets
-    them: summed over micro-steps, averaged over ranks, clipped, before any optimizer normalises them."""
+    them: summed over micro-steps, averaged over ranks, clipped, before any optimizer normalises them (under FSDP
+    gathered whole: every rank gathers, each writes)."""
     import train  # the patched names: the UniDiff class train uses, and every optimizer's step
+    from torch.distributed.tensor import DTensor
     from weights import save_safetensors
-    real, rows, grads, names = train.UniDiff.losses, [], {}, {}
+    real, rows, grads, model = train.UniDiff.losses, [], {}, []
     Path(folder).mkdir(parents=True, exist_ok=True)
 
     def losses(self, *a, **kw):
         out = real(self, *a, **kw)
-        names.update((p, n) for n, p in self.named_parameters())
+        model[:] = [self]
         rows.append(torch.stack([out[k].detach().float() for k in ("itc", "is_", "rsc", "total")]))
         return out
 
     def before_step(opt, *_):
-        if not names:  # an optimizer before the first training step (the tiny VAE's fit)
+        if not model:  # an optimizer before the first training step (the tiny VAE's fit)
             return
-        if not grads:
-            grads.update({f"grad.{names[p]}": p.grad.clone() for g in opt.param_groups for p in g["params"]
-                          if p.grad is not None})
+        if not grads:  # the names now: inside a forward FSDP swaps the gathered weights in
+            names = {p: n for n, p in model[0].named_parameters()}
+            grads.update({f"grad.{names[p]}": p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
+                          for g in opt.param_groups for p in g["params"] if p.grad is not None})
         rank = dist.get_rank() if dist.is_initialized() else 0
         save_safetensors({"losses": torch.stack(rows), **grads}, Path(folder) / f"rank{rank}.safetensors")
 
