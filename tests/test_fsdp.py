@@ -17,7 +17,7 @@ from test_train import TINY, recorded, weights, world_folder
 from unidiff import UniDiff
 
 STEPS = 4
-FLAGS = TINY + ["--steps", str(STEPS), "--save-every", "2", "--eval-every", str(STEPS), "--lambda-rsc", "0.1",
+FLAGS = TINY[2:] + ["--steps", str(STEPS), "--save-every", "2", "--eval-every", str(STEPS), "--lambda-rsc", "0.1",
                 "--grad-accum", "2", "--l2sp", "1", "--ema", "0.5"]  # on a folder of 8 train and 4 test images
 
 
@@ -26,7 +26,7 @@ def runs(tmp_path_factory):
     """{"ddp": ..., "fsdp": ...}: each run's folder and its two ranks' records."""
     tmp = tmp_path_factory.mktemp("fsdp")
     data = ["--data", str(world_folder(tmp / "set", test=4))]  # validation embeds 4 pairs, not the world's 1000
-    return {name: (tmp / name, recorded(tmp, name, FLAGS + data + extra, ranks=2))
+    return {name: (tmp / name, recorded(tmp, name, data + FLAGS + extra, ranks=2))
             for name, extra in (("ddp", []), ("fsdp", ["--fsdp"]))}
 
 
