@@ -77,16 +77,13 @@ def train(cfg):
     parts = present(model, parts)
     add_adapters(model, parts, cfg.lora, cfg.lora_alpha, cfg.seed, ckpt, cfg.lora_targets)
     prepare_model(model, parts, cfg.lora, cfg.grad_ckpt, d)
-    if d.fsdp:  # before the optimizer: it holds the shards
-        shard(model, d)
     opt, named = make_optimizer(model, cfg.lr_unet, cfg.lr_clip)
     params = [p for _, p in named]
     ema = [p.detach().float().clone() for p in params] if cfg.ema else None  # resuming: the checkpoint's EMA,
     step = load_checkpoint(ckpt, model, named, opt) if ckpt is not None else 0  # then its trained weights
     seen = read_state(ckpt)["samples_seen"] if ckpt is not None else 0  # the data position: --batch-size may change
     say(f"model: {cfg.model}, training {', '.join(parts)} ({sum(p.numel() for p in params) / 1e6:.1f}M parameters); "
-        f"global batch {cfg.batch_size} = {d.world} rank(s){' (FSDP)' * d.fsdp} × {cfg.grad_accum} micro-step(s) × "
-        f"{micro}; {cfg.res} px; "
+        f"global batch {cfg.batch_size} = {d.world} rank(s) × {cfg.grad_accum} micro-step(s) × {micro}; {cfg.res} px; "
         f"{'bf16 autocast on ' + torch.cuda.get_device_name(d.device) if d.cuda else 'fp32 on CPU'}")
     if cfg.cache_latents:  # after prepare_model: the encoding runs on the device
         train_set = cached_training_set(model, train_set, cfg.data, cfg.res, run, micro, d, say,
@@ -278,7 +275,7 @@ def add_adapters(model, parts, rank, alpha, seed, ckpt, targets):
 
 
 def prepare_model(model, parts, lora, grad_ckpt, d):
-    """On the device, the `parts` trainable (with `lora`: their adapters alone), the rest frozen."""
+    """On the device, the `parts` trainable (with `lora`: their adapters alone), the rest frozen; under FSDP sharded."""
     model.to(d.device)
     if d.cuda:  # convolutions run fastest on NHWC tensors
         model.unet.to(memory_format=torch.channels_last)
@@ -295,6 +292,8 @@ def prepare_model(model, parts, lora, grad_ckpt, d):
         for m in towers[part]:
             if m is not None:
                 m.requires_grad_(True)
+    if d.fsdp:  # before the optimizer: it holds the shards
+        shard(model, d)
 
 
 def make_optimizer(model, lr_unet, lr_clip):
