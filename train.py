@@ -3,6 +3,7 @@
     python train.py --data demo                    # the shipped tiny model, fine-tuned on a synthetic domain
     python train.py --data fashion_woman           # SD 1.5 + CLIP ViT-L/14 (weights fetched once)
     torchrun --nproc_per_node=8 train.py --data fashion_woman   # DDP: the same run, 8 GPUs
+    torchrun --nproc_per_node=8 train.py --data fashion_woman --fsdp   # sharded (parallel.py): 1/8 of the state each
     python train.py --resume runs/fashion_woman    # continue exactly where it stopped
 
 Settings: config.py; options, signals, resume: docs/training.md. `--batch-size` is the global batch of a step,
