@@ -279,10 +279,11 @@ def test_ddp_two_processes_equal_one(tmp_path, lora):
     # holds its share) and the all-reduced gradients; not the weights, which AdamW moves by a full step where a
     # true gradient of ~0 leaves only rounding noise. A real mismatch (noise drawn per rank) differs by O(1).
     # With --lora the adapters alone get gradients, all-reduced by DDP as the weights are.
-    flags = TINY + ["--steps", "3", "--rsc-t-max", "1000"] + lora
+    flags = TINY + ["--steps", "3", "--rsc-t-max", "1000", "--tensorboard"] + lora
     torch.manual_seed(0)
     one, = recorded(tmp_path, "one", flags)
     two = recorded(tmp_path, "two", flags, ranks=2)
+    assert len(list((tmp_path / "two" / "tensorboard").glob("*tfevents*"))) == 1  # rank 0 alone writes
     assert all(torch.equal(two[0][k], two[1][k]) for k in one if k.startswith("grad."))  # the ranks agree
     assert all(k.startswith("grad.lora.") == bool(lora) for k in one if k.startswith("grad."))
     same_step({**two[0], "losses": (two[0]["losses"] + two[1]["losses"]) / 2}, one)
