@@ -284,6 +284,7 @@ def test_ddp_two_processes_equal_one(tmp_path, lora):
     one, = recorded(tmp_path, "one", flags)
     two = recorded(tmp_path, "two", flags, ranks=2)
     assert len(list((tmp_path / "two" / "tensorboard").glob("*tfevents*"))) == 1  # rank 0 alone writes
+    assert sorted(e[:2] for e in events(tmp_path / "two")) == sorted(e[:2] for e in events(tmp_path / "one"))
     assert all(torch.equal(two[0][k], two[1][k]) for k in one if k.startswith("grad."))  # the ranks agree
     assert all(k.startswith("grad.lora.") == bool(lora) for k in one if k.startswith("grad."))
     same_step({**two[0], "losses": (two[0]["losses"] + two[1]["losses"]) / 2}, one)
