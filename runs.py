@@ -350,7 +350,8 @@ def trim_events(folder, step):
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
     for path in sorted(folder.glob("*tfevents*")):
-        kept = [r for r in RawEventFileLoader(str(path)).Load() if Event.FromString(r).step <= step]  # a cut one: out
+        # a record a kill cut short is not read, so not kept
+        kept = [r for r in RawEventFileLoader(str(path)).Load() if Event.FromString(r).step <= step]
         if len(kept) <= 1:  # the header (file_version, step 0) at most
             path.unlink()
             continue
