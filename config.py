@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from data import TEST_FRACTION, parse_res, res_name
-from runs import latest_checkpoint, read_state
+from runs import latest_checkpoint, read_state, summary_writer
 
 FASHION_DATA = ("fashion_woman", "fashion_man", "ecommerce_product")  # portrait photos: see FASHION below
 
@@ -36,6 +36,10 @@ class Config:
     out: str = opt(None, "the run folder (default runs/<data>)")
     save_every: int = opt(500, "steps between checkpoints ({default}; 0: only at the end)")
     eval_every: int = opt(250, "steps between validations: test retrieval + a sample grid ({default}; 0: none)")
+    # the viewer kohya's and diffusers' users know; optional, as log.jsonl holds the same numbers without a package
+    tensorboard: bool = opt(False, "also log log.jsonl's numbers and the validation grids for TensorBoard, in "
+                            "<run>/tensorboard\n(needs the tensorboard package; to view: tensorboard --logdir "
+                            "runs/NAME/tensorboard)")
     seed: int = opt(0, "seed of the data order, noise and (tiny) the initial weights ({default})")
     lambda_itc: float = opt(1.0, "weight of the image-text contrastive loss ({default})")
     lambda_is: float = opt(1.0, "weight of the image-synthesis (diffusion) loss ({default})")
@@ -235,6 +239,8 @@ def check(cfg, given, error):
         error("--wise-ft with --ema or --lora: choose one way of averaging the weights")
     if cfg.l2sp and cfg.lora:  # the adapters have no start weights to be pulled towards
         error("--l2sp with --lora: LoRA already keeps the base weights; use one or the other")
+    if "tensorboard" in given and summary_writer() is None:  # inherited through --resume, the run warns instead
+        error("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     if cfg.fsdp:
         check_fsdp(cfg, error)
     if not (cfg.lambda_itc or cfg.lambda_is or cfg.lambda_rsc):

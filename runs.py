@@ -6,6 +6,7 @@
             lora.safetensors and lora_vision.safetensors (--lora: save_lora) with base_weights.safetensors,
             optimizer.safetensors (AdamW's moments), state.json (step, args)
         log.jsonl  a JSON object per progress line and per validation (log_line); curves.png (draw_curves)
+        tensorboard/  (--tensorboard) the same numbers and the sample grids, as TensorBoard's event files
 
 Nothing is pickled; a checkpoint is written to a hidden temp folder, then renamed (a kill leaves the last one whole).
 """
@@ -267,11 +268,28 @@ def swap_in(params, ema):
 
 # ------------------------------------------------------------------------------ the run log
 
+TENSORBOARD = {}  # run folder -> its SummaryWriter (--tensorboard; rank 0), opened by open_log
+
+
 def log_line(run, record):
-    """Append a record ({"step": ..., ...}) to `run/log.jsonl`, on rank 0."""
+    """Append a record ({"step": ..., ...}) to `run/log.jsonl`, and its numbers to TensorBoard if open; on rank 0."""
     if master():
         with open(run / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if writer := TENSORBOARD.get(run):
+            for tag, value in tags(record):
+                writer.add_scalar(tag, value, record["step"])
+            writer.flush()  # what log.jsonl holds, TensorBoard shows: not up to 2 minutes later
+
+
+def tags(record, prefix=""):
+    """A log record's numbers as (TensorBoard tag, value): nested keys joined by '/' (retrieval/test/i2t_r1), a
+    progress line's losses under loss/ and the rest of it under train/ (TensorBoard groups tags by that prefix)."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from tags(value, f"{prefix}{key}/")
+        elif key != "step":
+            yield (prefix or ("loss/" if key in ("itc", "is", "rsc", "total") else "train/")) + key, value
 
 
 def read_log(run):
@@ -287,17 +305,78 @@ def read_log(run):
     return records
 
 
+def open_log(run, step, tensorboard):
+    """The run's logs from `step` on, on rank 0: log.jsonl and TensorBoard's events trimmed to it (a run resumed
+    there logs the rest again; a new run, step -1, starts empty), and with `tensorboard` its writer opened."""
+    if not master():
+        return
+    trim_log(run, step)
+    folder = run / "tensorboard"
+    writer = summary_writer() if tensorboard or folder.is_dir() else None
+    if writer and folder.is_dir():
+        trim_events(folder, step)
+    if tensorboard and writer:
+        TENSORBOARD[run] = writer(str(folder))
+    elif tensorboard:  # the run's own setting, from --resume (given on the command line, config.check refuses it)
+        say(f"no TensorBoard events in {folder}: this run was started with --tensorboard, and tensorboard is not "
+            "installed (pip install tensorboard); the run goes on, log.jsonl has the numbers")
+
+
+def close_log():
+    """Close the TensorBoard writers (end of a run)."""
+    while TENSORBOARD:
+        TENSORBOARD.popitem()[1].close()
+
+
+def summary_writer():
+    """TensorBoard's SummaryWriter, or None without the tensorboard package (optional: only --tensorboard needs it)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter
+
+
 def trim_log(run, step):
-    """Drop the log's records after `step` (rank 0, atomically): a run resumed there logs them again (a run stopped
-    after its last checkpoint may have logged on); a new run (step -1) starts an empty log."""
-    if master() and (run / "log.jsonl").is_file():
+    """Drop the log's records after `step` (atomically): a run stopped after its last checkpoint may have logged on."""
+    if (run / "log.jsonl").is_file():
         tmp = run / "log.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in read_log(run) if r["step"] <= step))
         os.replace(tmp, run / "log.jsonl")
 
 
-def log_validation(run, step, found):
-    """A validation's retrieval ({split: retrieval}) into the log, and the curves drawn again."""
+def trim_events(folder, step):
+    """Drop the events after `step` from each TensorBoard event file, as from log.jsonl: TensorBoard's default (fast)
+    loader ignores SummaryWriter's purge_step, and would show those steps twice. A file left with only its header
+    goes; each kept record is copied as it was, byte for byte."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    for path in sorted(folder.glob("*tfevents*")):
+        # a record a kill cut short is not read, so not kept
+        kept = [r for r in RawEventFileLoader(str(path)).Load() if Event.FromString(r).step <= step]
+        if len(kept) <= 1:  # the header (file_version, step 0) at most
+            path.unlink()
+            continue
+        tmp = folder / "trimmed.tmp"  # not *tfevents*: TensorBoard would read a half-written one
+        with open(tmp, "wb") as f:
+            writer = RecordWriter(f)
+            for record in kept:
+                writer.write(record)
+        os.replace(tmp, path)
+
+
+def log_validation(run, step, found, real, gen):
+    """A validation into the run folder: its sample grid in samples/ (rows: the `real` test images, the start's
+    samples, `gen` the samples now; uint8 (N, H, W, 3) each), its retrieval ({split: retrieval}) in the log, the
+    curves drawn again, and both for TensorBoard if open."""
+    start = run / "samples" / "start.png"  # the start model's row: drawn once, before training
+    if step == 0:
+        save_grid([gen], start)
+    rows = [real, load_row(start, len(gen)), gen] if step and start.is_file() else [real, gen]
+    grid = save_grid(rows, run / "samples" / f"step_{step:06d}.png")
+    if writer := TENSORBOARD.get(run):
+        writer.add_image("samples", grid, step, dataformats="HWC")  # rows: real, start, now
     log_line(run, {"step": step, "retrieval": found})
     draw_curves(run)
 
@@ -344,12 +423,13 @@ def to_uint8(pixels):
 
 
 def save_grid(rows, path):
-    """rows: list of uint8 (N, H, W, 3) -> one PNG, a row each, written atomically."""
+    """rows: list of uint8 (N, H, W, 3) -> one PNG, a row each, written atomically -> the grid, uint8 (H', W', 3)."""
     grid = torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0).numpy()  # (rows·H, N·W, 3)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     Image.fromarray(grid).save(tmp)
     os.replace(tmp, path)
+    return grid
 
 
 def load_row(path, n):

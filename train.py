@@ -32,10 +32,10 @@ from latent_cache import cached_training_set
 from losses import l2_sp_
 from lora import add_lora
 from parallel import all_finite, init_distributed, like, no_sync, shard, whole, wrap
-from runs import (RunError, StopSignal, Terminated, autocast, check_size, checkpoints, fmt_time, ignore_signals,
-                  latest_checkpoint, load_checkpoint, load_lora, load_row, load_start, log_line, log_validation,
-                  optimizer_tensors, read_state, save_checkpoint, save_grid, save_start, say, swap_in, terminated,
-                  to_uint8, trim_log)
+from runs import (RunError, StopSignal, Terminated, autocast, check_size, checkpoints, close_log, fmt_time,
+                  ignore_signals, latest_checkpoint, load_checkpoint, load_lora, load_start, log_line, log_validation,
+                  open_log, optimizer_tensors, read_state, save_checkpoint, save_start, say, swap_in, terminated,
+                  to_uint8)
 from unidiff import UniDiff
 from vae import fit_vae
 from weights import WeightsError
@@ -61,6 +61,7 @@ def main(argv=None):
                "no checkpoint was saved: nothing to resume"))
         return 143 if isinstance(e, Terminated) else 130
     finally:
+        close_log()
         signal.signal(signal.SIGTERM, term)
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -72,7 +73,7 @@ def train(cfg):
     micro = micro_batch(cfg.batch_size, cfg.grad_accum, d.world)
     parts = trained_parts(cfg.train)
     train_set, test_set, ood_set = open_data(cfg.data, cfg.res, cfg.train_size, cfg.eval_every, cfg.ood_data, d)
-    ckpt = resume_from(cfg.resume, run)
+    ckpt = resume_from(cfg.resume, run, cfg.tensorboard)
     model = start_model(cfg, ckpt, run, train_set, d)
     start = frozen_start(cfg, ckpt, model, run, d)
     parts = present(model, parts)
@@ -185,15 +186,16 @@ def open_data(data, res, train_size, eval_every, ood_data, d):
     return sets["train"], sets.get("test"), sets.get("out of domain test")
 
 
-def resume_from(resume, run):
-    """The checkpoint --resume continues (None: a new run), once sure the run folder holds nothing after it."""
+def resume_from(resume, run, tensorboard):
+    """The checkpoint --resume continues (None: a new run), once sure the run folder holds nothing after it; the
+    run's logs trimmed to it and opened."""
     ckpt = latest_checkpoint(resume) if resume else None
     if ckpt is None and any(run.glob("step_*")):
         raise RunError(f"{run} already holds checkpoints: continue it with --resume {run}, or pick another --out")
     if ckpt is not None and ckpt.name != checkpoints(run)[-1].name:
         raise RunError(f"{run} holds checkpoints after {ckpt.name} (the latest is {checkpoints(run)[-1].name}): "
                        f"continuing from {ckpt.name} would mix two runs there; move the later ones out first")
-    trim_log(run, read_state(ckpt)["step"] if ckpt is not None else -1)  # log.jsonl: no line twice, none from before
+    open_log(run, read_state(ckpt)["step"] if ckpt is not None else -1, tensorboard)  # no step twice, none from before
     return ckpt
 
 
@@ -468,13 +470,8 @@ def validate(model, params, shown, test_set, ood_set, step, run, res, d):
             model.reshard()
         model.train()
     if d.master:
-        start = run / "samples" / "start.png"  # the start model's row: drawn once, before training
-        if step == 0:
-            save_grid([gen], start)
         real = to_uint8(torch.stack([test_set[i][0] for i in picks]))
-        rows = [real, load_row(start, len(picks)), gen] if step and start.is_file() else [real, gen]
-        save_grid(rows, run / "samples" / f"step_{step:06d}.png")
-        log_validation(run, step, found)  # and curves.png drawn again
+        log_validation(run, step, found, real, gen)  # the grid, the log, curves.png, TensorBoard
     d.barrier()
     return found
 

@@ -4,6 +4,7 @@ Every run is the tiny model at 16 px with a batch of 4 for a few steps, in-proce
 except DDP, which needs torchrun.
 """
 import errno
+import io
 import json
 import math
 import os
@@ -278,10 +279,12 @@ def test_ddp_two_processes_equal_one(tmp_path, lora):
     # holds its share) and the all-reduced gradients; not the weights, which AdamW moves by a full step where a
     # true gradient of ~0 leaves only rounding noise. A real mismatch (noise drawn per rank) differs by O(1).
     # With --lora the adapters alone get gradients, all-reduced by DDP as the weights are.
-    flags = TINY + ["--steps", "3", "--rsc-t-max", "1000"] + lora
+    flags = TINY + ["--steps", "3", "--rsc-t-max", "1000", "--tensorboard"] + lora
     torch.manual_seed(0)
     one, = recorded(tmp_path, "one", flags)
     two = recorded(tmp_path, "two", flags, ranks=2)
+    assert len(list((tmp_path / "two" / "tensorboard").glob("*tfevents*"))) == 1  # rank 0 alone writes
+    assert sorted(e[:2] for e in events(tmp_path / "two")) == sorted(e[:2] for e in events(tmp_path / "one"))
     assert all(torch.equal(two[0][k], two[1][k]) for k in one if k.startswith("grad."))  # the ranks agree
     assert all(k.startswith("grad.lora.") == bool(lora) for k in one if k.startswith("grad."))
     same_step({**two[0], "losses": (two[0]["losses"] + two[1]["losses"]) / 2}, one)
@@ -904,3 +907,70 @@ def test_without_matplotlib_the_run_goes_on_and_says_so_once(tmp_path, monkeypat
     out = capsys.readouterr().out
     assert out.count("matplotlib is not installed") == 1 and "Traceback" not in out
     assert not (run / "curves.png").exists() and len(runs.read_log(run)) == 2 + 3  # lines at 1, 2; validations at 0, 1, 2
+
+
+def events(run):
+    """(tag, step, value or image) of every scalar and image in run/tensorboard's event files, all of them as written
+    (TensorBoard's own readers drop some repeated steps: a duplicate would hide)."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    found = []
+    for path in sorted((run / "tensorboard").glob("*tfevents*")):
+        for e in map(Event.FromString, RawEventFileLoader(str(path)).Load()):
+            found += [(v.tag, e.step, v.simple_value if v.HasField("simple_value") else
+                       np.asarray(Image.open(io.BytesIO(v.image.encoded_image_string)))) for v in e.summary.value]
+    return found
+
+
+def test_tensorboard_shows_the_logs_numbers_and_the_sample_grids(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "r"
+    assert train.main(logged_flags(tmp_path) + ["--steps", "4", "--tensorboard", "--out", str(run)]) == 0
+    logged = {}
+    for r in runs.read_log(run):
+        logged.update({(("loss/" if k in ("itc", "is", "rsc", "total") else "train/") + k, r["step"]): v
+                       for k, v in r.items() if k not in ("step", "retrieval")})
+        logged.update({(f"retrieval/{split}/{k}", r["step"]): v for split, found in r.get("retrieval", {}).items()
+                       for k, v in found.items()})
+    shown = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    got = {(tag, e.step): e.value for tag in shown.Tags()["scalars"] for e in shown.Scalars(tag)}
+    assert {"loss/total", "train/img_s", "train/skipped", "retrieval/out of domain test/t2i_r10"} <= {t for t, _ in got}
+    assert got.keys() == logged.keys() and len(got) == 2 * 7 + 3 * 2 * 7  # 2 lines, 3 validations of 2 splits
+    assert all(got[k] == pytest.approx(v, rel=1e-6) for k, v in logged.items())  # float32 there
+    grids = shown.Images("samples")
+    assert [g.step for g in grids] == [0, 2, 4]
+    for g in grids:
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(g.encoded_image_string))),
+                              np.asarray(Image.open(run / "samples" / f"step_{g.step:06d}.png")))
+
+
+def test_resumed_run_shows_tensorboard_each_step_once_as_a_straight_run(tmp_path, monkeypatch):
+    # b stops after step 2 and saves; a kill after a checkpoint can leave later steps in the events: resuming drops them
+    from torch.utils.tensorboard import SummaryWriter
+    torch.manual_seed(0)
+    flags = logged_flags(tmp_path) + ["--steps", "4", "--eval-every", "4", "--save-every", "2", "--tensorboard"]
+    straight_and_interrupted(flags, tmp_path, monkeypatch)
+    with SummaryWriter(str(tmp_path / "b" / "tensorboard")) as later:
+        later.add_scalar("loss/total", 1.0, 3)
+        later.add_scalar("loss/total", 1.0, 4)
+    assert train.main(["--resume", str(tmp_path / "b")]) == 0
+    a, b = events(tmp_path / "a"), events(tmp_path / "b")
+    assert len({(tag, step) for tag, step, _ in b}) == len(b)  # no step twice
+    a, b = ({(tag, step): v for tag, step, v in ev if tag != "train/img_s"} for ev in (a, b))
+    assert sorted(b) == sorted(a) and max(step for _, step in b) == 4
+    assert [k for k in a if not np.array_equal(a[k], b[k])] == []  # the same losses, retrieval and grids
+
+
+def test_tensorboard_without_the_package_is_refused_when_given_and_said_when_resumed(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "r"
+    assert train.main(TINY + ["--steps", "1", "--tensorboard", "--out", str(run)]) == 0
+    assert [(tag, step) for tag, step, _ in events(run) if tag == "loss/total"] == [("loss/total", 1)]
+    for name in ("tensorboard", "torch.utils.tensorboard"):  # as if never installed
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--steps", "1", "--tensorboard", "--out", str(tmp_path / "s")])
+    assert e.value.code == 2 and "--tensorboard: the tensorboard package is not installed" in capsys.readouterr().err
+    assert train.main(["--resume", str(run), "--steps", "2"]) == 0  # the run's own --tensorboard: it goes on
+    out = capsys.readouterr().out
+    assert out.count("tensorboard is not installed") == 1 and "Traceback" not in out
+    assert [r["step"] for r in runs.read_log(run)] == [1, 2]
