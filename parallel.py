@@ -90,7 +90,8 @@ def shard(model, d):
 def like(t, p):
     """A whole tensor `t` (the same on every rank) shaped, typed and placed as `p`: for a DTensor, this rank's shard,
     cut locally (each rank read the file or holds the copy: nothing to send)."""
-    t = t.detach().reshape(p.shape).to(p.device, p.dtype)
+    t = t.detach().to(p.device, p.dtype)
+    t = t.reshape(p.shape) if t.ndim == 0 else t  # a 0-dim weight is (1,) under FSDP (shard)
     return distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None) if isinstance(p, DTensor) else t
 
 
