@@ -17,6 +17,8 @@ from test_train import TINY, recorded, weights, world_folder
 from unidiff import UniDiff
 
 STEPS = 3  # checkpoints at steps 2 and 3
+# RSC at its t_max of 500 on one row per rank and micro-step: some micro-steps have RSC rows on one rank only, and
+# under FSDP both ranks must still run the towers (UniDiff.losses)
 FLAGS = TINY[2:] + ["--steps", str(STEPS), "--save-every", "2", "--eval-every", str(STEPS), "--lambda-rsc", "0.1",
                 "--grad-accum", "2", "--l2sp", "1", "--ema", "0.5"]  # on a folder of 8 train and 4 test images
 
