@@ -1,8 +1,7 @@
 """Image–caption data: folders, named presets and the built-in synthetic sets (world, demo).
 
 An item is (pixels float32 (3, H, W) in [-1, 1], the VAE's range; caption), resized (bicubic) to just cover `size`
-(512 or "512x768", as --res) and centre-cropped; no augmentation. Folders, splits, bad rows: docs/training.md#data.
-"""
+(512 or "512x768", as --res) and centre-cropped; no augmentation. Folders, splits, bad rows: docs/training.md#data."""
 import hashlib
 import json
 import os

@@ -1,6 +1,5 @@
 """The one-time download of the pretrained weights, SD 1.5 and CLIP ViT-L/14: resumable, checked (size, sha256),
-and offline one WeightsError that names every missing file and where to put it.
-"""
+and offline one WeightsError that names every missing file and where to put it."""
 import hashlib
 import http.client
 import os

@@ -1,8 +1,7 @@
 """train.py --cache-latents: the training set as the frozen networks see it (unidiff.Encoded), stored once.
 
 One safetensors file per (data, resolution, VAE, CLIP's input size, precision), named by their hash, so never a stale
-one. Rows are written in place (each DDP rank its share; no tensor ever whole in memory) and read from a memory map.
-"""
+one. Rows are written in place (each DDP rank its share; no tensor ever whole in memory) and read from a memory map."""
 import hashlib
 import json
 import math

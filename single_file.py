@@ -1,7 +1,6 @@
 """The original single-file SD layout (CompVis keys; what ComfyUI and A1111 read) <-> our diffusers names.
 
-One table of (diffusers prefix, original prefix) pairs per model, used both ways: longest matching prefix wins.
-"""
+One table of (diffusers prefix, original prefix) pairs per model, used both ways: longest matching prefix wins."""
 import json
 
 from safetensors import safe_open

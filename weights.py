@@ -1,7 +1,6 @@
 """Reading weights: safetensors only, loaded strictly, with errors that name the tensors.
 
-Every loader goes through here, so a pickle is never unpickled and a wrong checkpoint fails the same, readable way.
-"""
+Every loader goes through here, so a pickle is never unpickled and a wrong checkpoint fails the same, readable way."""
 import json
 from pathlib import Path
 
