@@ -29,7 +29,6 @@ PIPELINE = ("model_index.json", "unet", "vae", "text_encoder")  # what a diffuse
 
 
 def weights_dir(path=None):
-    """`--weights DIR`, else `$UNIDIFF_WEIGHTS`, else `weights/`."""
     return Path(path or os.environ.get("UNIDIFF_WEIGHTS") or "weights")
 
 

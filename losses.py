@@ -129,8 +129,7 @@ def l2_sp_(params, start, lam):
 
 # ---- a batch larger than one micro-batch on one rank (DDP, gradient accumulation) ----
 
-def world_size():
-    """W, the number of DDP processes (1 without torch.distributed)."""
+def world_size():  # W, the number of DDP processes
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 

@@ -52,7 +52,6 @@ def read_safetensors(path):
 
 
 def read_config(path):
-    """The `config.json` beside a weights file (or inside a folder), or None."""
     path = Path(path)
     cfg = (path if path.is_dir() else path.parent) / "config.json"
     return json.loads(cfg.read_text()) if cfg.is_file() else None
