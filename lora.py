@@ -58,7 +58,7 @@ class LoRA(nn.Module):
 
 
 def add_lora(model, parts, rank, alpha, generator=None, targets="attention"):
-    """Adapters on the `targets` layers (TARGETS; frozen) of a UniDiff's `parts` -> nn.ModuleDict {kohya's name: LoRA}."""
+    """Adapters on the `targets` layers (TARGETS; frozen) of a UniDiff's `parts` -> ModuleDict {kohya's name: LoRA}."""
     layers, ends = {}, tuple("." + t for t in TARGETS[targets])
     for part in parts:
         net, under = (model.unet, "") if part == "unet" else (model.clip, f"{part}_model.")
