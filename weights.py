@@ -34,8 +34,7 @@ def refuse_pickle(path):
         f"{path}: pickle checkpoints are refused (loading one can execute code). Convert it once, "
         "in an environment you trust, to safetensors:\n"
         "  python -c \"import torch, safetensors.torch as st; "
-        f"sd = torch.load('{path}', map_location='cpu', weights_only=True); "
-        "sd = sd.get('state_dict', sd); "
+        f"sd = torch.load('{path}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
         f"st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{Path(path).with_suffix('.safetensors')}')\"\n"
         "or download the .safetensors release of the same model.")
 
