@@ -67,9 +67,8 @@ def load_strict(model, sd, source):
         def block(title, items, n=20):
             more = f"\n    ... and {len(items) - n} more" if len(items) > n else ""
             return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:n]) + more if items else ""
-        raise WeightsError(f"{source}: weights do not match {type(model).__name__}"
-                           + block("missing", missing) + block("unexpected", unexpected)
-                           + block("mis-shaped", misshaped))
+        raise WeightsError(f"{source}: weights do not match {type(model).__name__}" + block("missing", missing)
+                           + block("unexpected", unexpected) + block("mis-shaped", misshaped))
     model.load_state_dict(sd, strict=True)
     return model
 
