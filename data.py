@@ -70,8 +70,7 @@ def parse_res(res):
     return int(m[1]), int(m[2] or m[1])
 
 
-def res_name(size):
-    """(width, height) -> how --res writes it: 512 for a square, "512x768" otherwise."""
+def res_name(size):  # (width, height) as --res writes it
     W, H = size
     return W if W == H else f"{W}x{H}"
 

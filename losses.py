@@ -39,7 +39,6 @@ def itc_loss(img_emb, txt_emb, logit_scale):
 
 
 def snr(alphas_cumprod, t):
-    """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) of timesteps t (B,)."""
     a = alphas_cumprod[t]
     return a / (1 - a)
 
