@@ -1,8 +1,7 @@
 """CLIP: text tower, vision tower, BPE tokenizer and image preprocessing.
 
 Module names are transformers' keys (CLIPModel / CLIPTextModel): their safetensors load strictly, unrenamed.
-SD conditions on `text_hidden` (B, 77, W), ITC/RSC use `encode_text`. The modules need only torch and einops.
-"""
+SD conditions on `text_hidden` (B, 77, W), ITC/RSC use `encode_text`. The modules need only torch and einops."""
 import gzip
 import json
 import math

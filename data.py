@@ -1,8 +1,7 @@
 """Image–caption data: folders, named presets and the built-in synthetic sets (world, demo).
 
 An item is (pixels float32 (3, H, W) in [-1, 1], the VAE's range; caption), resized (bicubic) to just cover `size`
-(512 or "512x768", as --res) and centre-cropped; no augmentation. Folders, splits, bad rows: docs/training.md#data.
-"""
+(512 or "512x768", as --res) and centre-cropped; no augmentation. Folders, splits, bad rows: docs/training.md#data."""
 import hashlib
 import json
 import os
@@ -71,8 +70,7 @@ def parse_res(res):
     return int(m[1]), int(m[2] or m[1])
 
 
-def res_name(size):
-    """(width, height) -> how --res writes it: 512 for a square, "512x768" otherwise."""
+def res_name(size):  # (width, height) as --res writes it
     W, H = size
     return W if W == H else f"{W}x{H}"
 
@@ -242,8 +240,7 @@ SHAPES = {
                ("line", [(.5, .12), (.5, .88)], {"fill": 0, "width": .05})],
     "dress": [("polygon", [(.40, .10), (.60, .10), (.62, .40), (.86, .90), (.14, .90), (.38, .40)], {})],
     "skirt": [("polygon", [(.32, .36), (.68, .36), (.86, .80), (.14, .80)], {})],
-    "trousers": [("polygon", [(.30, .12), (.70, .12), (.75, .90), (.56, .90), (.50, .42), (.44, .90),
-                              (.25, .90)], {})],
+    "trousers": [("polygon", [(.30, .12), (.70, .12), (.75, .90), (.56, .90), (.50, .42), (.44, .90), (.25, .90)], {})],
     "shoes": [("polygon", [(.06, .52), (.24, .52), (.28, .63), (.46, .68), (.46, .80), (.06, .80)], {}),
               ("polygon", [(.54, .52), (.72, .52), (.76, .63), (.94, .68), (.94, .80), (.54, .80)], {})],
     "hat": [("chord", [(.28, .22), (.72, .78)], {"start": 180, "end": 360}),
@@ -252,8 +249,7 @@ SHAPES = {
             ("arc", [(.32, .18), (.68, .66)], {"start": 180, "end": 360, "width": .06})],
     "top": [("polygon", [(.34, .14), (.42, .14), (.44, .26), (.56, .26), (.58, .14), (.66, .14), (.70, .36),
                          (.68, .78), (.32, .78), (.30, .36)], {})],
-    "shorts": [("polygon", [(.26, .26), (.74, .26), (.82, .70), (.56, .70), (.50, .48), (.44, .70),
-                            (.18, .70)], {})],
+    "shorts": [("polygon", [(.26, .26), (.74, .26), (.82, .70), (.56, .70), (.50, .48), (.44, .70), (.18, .70)], {})],
     "boots": [("polygon", [(.08, .14), (.30, .14), (.30, .62), (.46, .70), (.46, .84), (.08, .84)], {}),
               ("polygon", [(.54, .14), (.76, .14), (.76, .62), (.92, .70), (.92, .84), (.54, .84)], {})],
     "scarf": [("polygon", [(.16, .18), (.84, .18), (.84, .34), (.64, .34), (.64, .88), (.46, .88), (.46, .34),

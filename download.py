@@ -1,6 +1,5 @@
 """The one-time download of the pretrained weights, SD 1.5 and CLIP ViT-L/14: resumable, checked (size, sha256),
-and offline one WeightsError that names every missing file and where to put it.
-"""
+and offline one WeightsError that names every missing file and where to put it."""
 import hashlib
 import http.client
 import os
@@ -30,7 +29,6 @@ PIPELINE = ("model_index.json", "unet", "vae", "text_encoder")  # what a diffuse
 
 
 def weights_dir(path=None):
-    """`--weights DIR`, else `$UNIDIFF_WEIGHTS`, else `weights/`."""
     return Path(path or os.environ.get("UNIDIFF_WEIGHTS") or "weights")
 
 

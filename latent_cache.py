@@ -1,8 +1,7 @@
 """train.py --cache-latents: the training set as the frozen networks see it (unidiff.Encoded), stored once.
 
 One safetensors file per (data, resolution, VAE, CLIP's input size, precision), named by their hash, so never a stale
-one. Rows are written in place (each DDP rank its share; no tensor ever whole in memory) and read from a memory map.
-"""
+one. Rows are written in place (each DDP rank its share; no tensor ever whole in memory) and read from a memory map."""
 import hashlib
 import json
 import math
@@ -25,8 +24,7 @@ DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}  # safetensors' names
 
 
 def cache_file(folder, name, dataset, res, model, dtype):
-    """The cache file of `dataset` (called `name`) at resolution `res`, encoded by `model` (UniDiff.encode: its VAE
-    and CLIP's input size) in `dtype`."""
+    """The cache file of `dataset` (`name`) at `res` in `dtype`, encoded by `model` (its VAE and CLIP's input size)."""
     h = hashlib.sha256(json.dumps([data_key(dataset), res, str(dtype), model.vae.cfg.to_json(),
                                    model.clip.cfg.vision.image_size]).encode())
     for k, v in model.vae.state_dict().items():  # the VAE's weights, bit for bit

@@ -58,8 +58,7 @@ class LoRA(nn.Module):
 
 
 def add_lora(model, parts, rank, alpha, generator=None, targets="attention"):
-    """Adapters on the `targets` layers (TARGETS) of a UniDiff's `parts` (unet, text, vision), their weights frozen
-    -> nn.ModuleDict {kohya's name: LoRA}."""
+    """Adapters on the `targets` layers (TARGETS; frozen) of a UniDiff's `parts` -> ModuleDict {kohya's name: LoRA}."""
     layers, ends = {}, tuple("." + t for t in TARGETS[targets])
     for part in parts:
         net, under = (model.unet, "") if part == "unet" else (model.clip, f"{part}_model.")

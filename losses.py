@@ -39,7 +39,6 @@ def itc_loss(img_emb, txt_emb, logit_scale):
 
 
 def snr(alphas_cumprod, t):
-    """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) of timesteps t (B,)."""
     a = alphas_cumprod[t]
     return a / (1 - a)
 
@@ -129,8 +128,7 @@ def l2_sp_(params, start, lam):
 
 # ---- a batch larger than one micro-batch on one rank (DDP, gradient accumulation) ----
 
-def world_size():
-    """W, the number of DDP processes (1 without torch.distributed)."""
+def world_size():  # W, the number of DDP processes
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 

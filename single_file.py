@@ -1,7 +1,6 @@
 """The original single-file SD layout (CompVis keys; what ComfyUI and A1111 read) <-> our diffusers names.
 
-One table of (diffusers prefix, original prefix) pairs per model, used both ways: longest matching prefix wins.
-"""
+One table of (diffusers prefix, original prefix) pairs per model, used both ways: longest matching prefix wins."""
 import json
 
 from safetensors import safe_open
@@ -59,8 +58,7 @@ def vae_names(n, L):
     return pairs + [(p + "conv_shortcut.", o + "nin_shortcut.") for p, o in pairs if ".resnets." in p]
 
 
-def rename(sd, pairs, to_original):
-    """Rename each key by its longest matching prefix in `pairs`, diffusers -> original or back."""
+def rename(sd, pairs, to_original):  # diffusers -> original names, or back
     table = dict(pairs if to_original else [(o, d) for d, o in pairs])
     out = {}
     for k, v in sd.items():

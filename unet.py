@@ -1,8 +1,7 @@
 """Stable Diffusion's denoising UNet (diffusers' UNet2DConditionModel for SD 1.x and 2.x) on one page.
 
 Attribute names are diffusers' checkpoint keys: `unet/diffusion_pytorch_model.safetensors` loads strictly, unrenamed.
-The whole forward pass is UNet.forward. The modules need only torch and einops; the loaders use weights.py.
-"""
+The whole forward pass is UNet.forward. The modules need only torch and einops; the loaders use weights.py."""
 import math
 from dataclasses import asdict, dataclass, fields, replace
 

@@ -64,8 +64,7 @@ def ddim_sample(unet, latents, context, uncond, alphas_cumprod, steps, guidance,
 
 
 def centre_square(x):
-    """(..., H, W) -> its centre (..., S, S), S = min(H, W): how CLIP reads a non-square image (as CLIP's own
-    preprocessing does: a crop keeps the aspect, a resize would squash it)."""
+    """(..., H, W) -> its centre (..., S, S), S = min(H, W): CLIP's crop of a non-square image: it keeps the aspect."""
     H, W = x.shape[-2:]
     S = min(H, W)
     top, left = (H - S) // 2, (W - S) // 2
@@ -166,8 +165,7 @@ class UniDiff(nn.Module):
         """Pixels (B, 3, H, W) in [-1, 1] -> Encoded: what `losses` makes of them with frozen networks alone."""
         return Encoded(*self.vae.encode(pixels), self.clip_pixels(pixels))
 
-    def clip_view(self, images):
-        """CLIP's input (B, 3, res, res) of pixels or of Encoded images."""
+    def clip_view(self, images):  # CLIP's input (B, 3, res, res)
         return images.clip if isinstance(images, Encoded) else self.clip_pixels(images)
 
     def forward(self, *args, **kwargs):  # so DistributedDataParallel(model)(pixels, ids) computes the losses

@@ -1,8 +1,7 @@
 """Stable Diffusion's autoencoder (diffusers' AutoencoderKL), small enough to read in one sitting.
 
 Attribute names are diffusers' checkpoint keys: `vae/diffusion_pytorch_model.safetensors` loads strictly, unrenamed.
-The modules need only torch and einops; the config and loaders at the end read files through weights.py.
-"""
+The modules need only torch and einops; the config and loaders at the end read files through weights.py."""
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -51,8 +50,6 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv."""
-
     def __init__(self, c):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, padding=1)
@@ -237,9 +234,8 @@ def infer_config(sd):
         n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down_blocks."))
         ch = tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(n))
         layers = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down_blocks.0.resnets."))
-        cfg = VAEConfig(in_channels=sd["encoder.conv_in.weight"].shape[1],
-                        latent_channels=sd["post_quant_conv.weight"].shape[0],
-                        block_out_channels=ch, layers_per_block=layers)
+        cfg = VAEConfig(in_channels=sd["encoder.conv_in.weight"].shape[1], block_out_channels=ch,
+                        latent_channels=sd["post_quant_conv.weight"].shape[0], layers_per_block=layers)
     except (KeyError, ValueError) as e:
         raise WeightsError(f"cannot infer a VAE config from these tensors (no {e}); an AutoencoderKL?") from None
     # GroupNorm's group count is not stored: a preset of the same shapes gives it, else SD's 32.

@@ -1,7 +1,6 @@
 """Reading weights: safetensors only, loaded strictly, with errors that name the tensors.
 
-Every loader goes through here, so a pickle is never unpickled and a wrong checkpoint fails the same, readable way.
-"""
+Every loader goes through here, so a pickle is never unpickled and a wrong checkpoint fails the same, readable way."""
 import json
 from pathlib import Path
 
@@ -35,8 +34,7 @@ def refuse_pickle(path):
         f"{path}: pickle checkpoints are refused (loading one can execute code). Convert it once, "
         "in an environment you trust, to safetensors:\n"
         "  python -c \"import torch, safetensors.torch as st; "
-        f"sd = torch.load('{path}', map_location='cpu', weights_only=True); "
-        "sd = sd.get('state_dict', sd); "
+        f"sd = torch.load('{path}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
         f"st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{Path(path).with_suffix('.safetensors')}')\"\n"
         "or download the .safetensors release of the same model.")
 
@@ -53,7 +51,6 @@ def read_safetensors(path):
 
 
 def read_config(path):
-    """The `config.json` beside a weights file (or inside a folder), or None."""
     path = Path(path)
     cfg = (path if path.is_dir() else path.parent) / "config.json"
     return json.loads(cfg.read_text()) if cfg.is_file() else None
@@ -70,9 +67,8 @@ def load_strict(model, sd, source):
         def block(title, items, n=20):
             more = f"\n    ... and {len(items) - n} more" if len(items) > n else ""
             return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:n]) + more if items else ""
-        raise WeightsError(f"{source}: weights do not match {type(model).__name__}"
-                           + block("missing", missing) + block("unexpected", unexpected)
-                           + block("mis-shaped", misshaped))
+        raise WeightsError(f"{source}: weights do not match {type(model).__name__}" + block("missing", missing)
+                           + block("unexpected", unexpected) + block("mis-shaped", misshaped))
     model.load_state_dict(sd, strict=True)
     return model
 
