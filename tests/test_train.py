@@ -279,10 +279,11 @@ def test_ddp_two_processes_equal_one(tmp_path, lora):
     # holds its share) and the all-reduced gradients; not the weights, which AdamW moves by a full step where a
     # true gradient of ~0 leaves only rounding noise. A real mismatch (noise drawn per rank) differs by O(1).
     # With --lora the adapters alone get gradients, all-reduced by DDP as the weights are.
-    flags = TINY + ["--steps", "3", "--rsc-t-max", "1000", "--tensorboard"] + lora
+    flags = TINY + ["--steps", "3", "--lambda-rsc", "0.1", "--rsc-t-max", "1000", "--tensorboard"] + lora
     torch.manual_seed(0)
     one, = recorded(tmp_path, "one", flags)
     two = recorded(tmp_path, "two", flags, ranks=2)
+    assert (one["losses"].reshape(-1, 4)[:, :3] > 0).all()  # ITC, IS and RSC each on (RSC is off by default)
     assert len(list((tmp_path / "two" / "tensorboard").glob("*tfevents*"))) == 1  # rank 0 alone writes
     assert sorted(e[:2] for e in events(tmp_path / "two")) == sorted(e[:2] for e in events(tmp_path / "one"))
     assert all(torch.equal(two[0][k], two[1][k]) for k in one if k.startswith("grad."))  # the ranks agree
