@@ -312,11 +312,11 @@ def open_log(run, step, tensorboard):
         return
     trim_log(run, step)
     folder = run / "tensorboard"
-    writer = summary_writer() if tensorboard or folder.is_dir() else None
-    if writer and folder.is_dir():
+    SummaryWriter = summary_writer() if tensorboard or folder.is_dir() else None
+    if SummaryWriter and folder.is_dir():
         trim_events(folder, step)
-    if tensorboard and writer:
-        TENSORBOARD[run] = writer(str(folder))
+    if tensorboard and SummaryWriter:
+        TENSORBOARD[run] = SummaryWriter(str(folder))
     elif tensorboard:  # the run's own setting, from --resume (given on the command line, config.check refuses it)
         say(f"no TensorBoard events in {folder}: this run was started with --tensorboard, and tensorboard is not "
             "installed (pip install tensorboard); the run goes on, log.jsonl has the numbers")
