@@ -85,6 +85,28 @@ def test_resume_under_fsdp_is_exact(runs, tmp_path):
     assert state["samples_seen"] == 4 * STEPS and state["args"]["fsdp"]
 
 
+@pytest.mark.parametrize("made, flags", [("ddp", ["--fsdp"]), ("fsdp", [])])
+def test_a_run_resumes_across_ddp_and_fsdp(runs, made, flags, tmp_path):
+    # one checkpoint layout: a DDP run goes on sharded, a sharded run under DDP (without --fsdp given again)
+    straight, record = runs[made]
+    copy = tmp_path / made
+    shutil.copytree(straight, copy, ignore=shutil.ignore_patterns(f"step_{STEPS:06d}", "rank*.safetensors"))
+    now = recorded(tmp_path, made, ["--resume", str(copy), *flags, "--eval-every", "0"], ranks=2)
+    for rank in (0, 1):  # step 3 from the same step-2 state: the losses the straight run had
+        diff = (now[rank]["losses"].view(1, 2, 4).mean(1) - step_losses(record[rank])[-1:]).abs().max().item()
+        assert diff < 1e-5, diff
+    a, b = weights(straight / f"step_{STEPS:06d}"), weights(copy / f"step_{STEPS:06d}")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    bound = 2 * max(config.TINY["lr_unet"], config.TINY["lr_clip"])  # one AdamW step apart at most (above)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a if "exp_avg" not in k and k.endswith(("weight", "bias")))
+    assert worst <= bound, (worst, bound)
+    # AdamW's moments went on from the step-2 ones: they differ by the gradients' rounding (≤ 2e-8, test above)
+    moments = max((a[k] - b[k]).abs().max().item() for k in a if "exp_avg" in k)
+    assert moments < 1e-6, moments
+    state = json.loads((copy / f"step_{STEPS:06d}" / "state.json").read_text())
+    assert state["samples_seen"] == 4 * STEPS and state["args"]["fsdp"] == bool(flags)
+
+
 @pytest.mark.parametrize("flags, says", [
     ([], "--fsdp shards over the ranks of torchrun"),
     (["--lora", "4"], "--fsdp with --lora"),
