@@ -279,7 +279,8 @@ def add_adapters(model, parts, rank, alpha, seed, ckpt, targets):
 
 def prepare_model(model, parts, lora, grad_ckpt, d):
     """On the device, the `parts` trainable (with `lora`: their adapters alone), the rest frozen; under FSDP sharded."""
-    model.to(d.device)
+    # FSDP moves each unit to the device as it cuts it, so no rank holds the whole model there; it leaves the VAE
+    (model.vae if d.fsdp else model).to(d.device)
     if d.cuda:  # convolutions run fastest on NHWC tensors
         model.unet.to(memory_format=torch.channels_last)
         model.vae.to(memory_format=torch.channels_last)

@@ -107,6 +107,24 @@ def test_a_run_resumes_across_ddp_and_fsdp(runs, made, flags, tmp_path):
     assert state["samples_seen"] == 4 * STEPS and state["args"]["fsdp"] == bool(flags)
 
 
+def test_each_unit_reaches_the_device_only_as_it_is_sharded(monkeypatch):
+    # A rank of a small card must never hold the whole model: the networks go to fully_shard still on the host
+    # (it moves each unit as it cuts it), and only the VAE, which stays whole, is moved by us. "meta" plays the GPU.
+    import parallel
+    found = []
+    monkeypatch.setattr(parallel, "fully_shard", lambda m, **kw: found.append((type(m).__name__, m_device(m))))
+    monkeypatch.setattr(parallel, "register_fsdp_forward_method", lambda m, name: None)
+    d = parallel.Dist(True, 0, 2, torch.device("meta"), True, False, fsdp=True)
+    model = UniDiff.tiny()
+    train.prepare_model(model, ["unet", "text", "vision"], None, False, d)
+    assert {name for name, _ in found} == {"Block", "ResnetBlock", "Transformer", "UniDiff"}
+    assert {device for _, device in found} == {"cpu"} and m_device(model.vae) == "meta"
+
+
+def m_device(module):
+    return next(module.parameters()).device.type
+
+
 @pytest.mark.parametrize("flags, says", [
     ([], "--fsdp shards over the ranks of torchrun"),
     (["--lora", "4"], "--fsdp with --lora"),
