@@ -975,3 +975,16 @@ def test_tensorboard_without_the_package_is_refused_when_given_and_said_when_res
     out = capsys.readouterr().out
     assert out.count("tensorboard is not installed") == 1 and "Traceback" not in out
     assert [r["step"] for r in runs.read_log(run)] == [1, 2]
+
+
+def test_a_rank_other_than_0_leaves_the_logs_alone(tmp_path, monkeypatch):
+    # Only rank 0 opens the logs. Without that guard the ranks would trim each other's event files as they open,
+    # a race that the DDP test's count of event files can pass by chance: rank 1's own view, checked directly.
+    run = tmp_path / "r"
+    (run / "tensorboard").mkdir(parents=True)
+    (run / "tensorboard" / "events.out.tfevents.0.host.1.0").write_bytes(b"rank 0's")
+    (run / "log.jsonl").write_text('{"step": 5}\n')
+    monkeypatch.setattr(runs, "master", lambda: False)
+    runs.open_log(run, 2, tensorboard=True)  # a resume at step 2 would trim both, on rank 0
+    assert run not in runs.TENSORBOARD and (run / "log.jsonl").read_text() == '{"step": 5}\n'
+    assert [f.name for f in (run / "tensorboard").iterdir()] == ["events.out.tfevents.0.host.1.0"]
