@@ -9,7 +9,6 @@
 Settings: config.py; options, signals, resume: docs/training.md. `--batch-size` is the global batch of a step,
 split over the DDP ranks and `--grad-accum` micro-steps; the data order and each micro-step's randomness follow
 from (seed, step, micro-step), so one GPU and eight give the same run and resuming at step N continues it exactly."""
-import copy
 import hashlib
 import math
 import os
@@ -75,12 +74,12 @@ def train(cfg):
     train_set, test_set, ood_set = open_data(cfg.data, cfg.res, cfg.train_size, cfg.eval_every, cfg.ood_data, d)
     ckpt = resume_from(cfg.resume, run, cfg.tensorboard)
     model = start_model(cfg, ckpt, run, train_set, d)
-    start = frozen_start(cfg, ckpt, model, run, d)
     parts = present(model, parts)
     add_adapters(model, parts, cfg.lora, cfg.lora_alpha, cfg.seed, ckpt, cfg.lora_targets)
     prepare_model(model, parts, cfg.lora, cfg.grad_ckpt, d)
     opt, named = make_optimizer(model, cfg.lr_unet, cfg.lr_clip)
     params = [p for _, p in named]
+    anchor, start_params = frozen_start(cfg, named, run, d)  # θ₀
     ema = [p.detach().float().clone() for p in params] if cfg.ema else None  # resuming: the checkpoint's EMA,
     step = load_checkpoint(ckpt, model, named, opt) if ckpt is not None else 0  # then its trained weights
     seen = read_state(ckpt)["samples_seen"] if ckpt is not None else 0  # the data position: --batch-size may change
@@ -92,8 +91,7 @@ def train(cfg):
                                         loader_workers(cfg.workers, d))
     net = wrap(model, cfg.compile, cfg.lambda_itc and cfg.lambda_is and cfg.lambda_rsc, d)
     batches = iter(make_loader(train_set, micro, seen, cfg.seed, cfg.workers, d))
-    losses_kw = dict(cfg.losses_kw(), anchor=start and start.clip)
-    start_params = [like(start.get_parameter(n), p) for n, p in named] if cfg.l2sp or cfg.wise_ft < 1 else None  # θ₀
+    losses_kw = dict(cfg.losses_kw(), anchor=anchor)
     shown = lambda: wise_ft(params, start_params, cfg.wise_ft) if cfg.wise_ft < 1 else ema  # saved and validated
 
     with StopSignal(d.ddp, say) as stop:
@@ -247,13 +245,17 @@ def build_model(name, weights, seed, res, vae_steps, train_set, d):
     return UniDiff.from_pretrained(sd, clip=clip), dict(model="sd15", sd=str(sd.resolve()), clip=str(clip.resolve()))
 
 
-def frozen_start(cfg, ckpt, model, run, d):
-    """θ₀, the frozen start of L2-SP, anchored RSC and WiSE-FT (else None): the new run's, or the recorded one."""
-    if not (cfg.l2sp or cfg.wise_ft < 1 or cfg.lambda_rsc and cfg.rsc_form == "anchored"):
-        return None
-    start = copy.deepcopy(model) if ckpt is None else load_start(run)[0]
-    # FSDP: θ₀ is sharded as the weights are (train), a tensor at a time from the host
-    return start.to("cpu" if d.fsdp else d.device).requires_grad_(False).eval()
+def frozen_start(cfg, named, run, d):
+    """The run's start, read back from its record (run.json), for L2-SP, WiSE-FT and anchored RSC -> (its CLIP,
+    frozen, for anchored RSC, else None; θ₀ of each `named` weight, placed as that weight is, else None). Nothing
+    else of it stays: under FSDP each rank keeps only its shard of θ₀, under DDP only the trained weights' θ₀."""
+    anchored, theta0 = cfg.lambda_rsc and cfg.rsc_form == "anchored", cfg.l2sp or cfg.wise_ft < 1
+    if not (anchored or theta0):
+        return None, None
+    d.barrier()  # a new run's record is rank 0's to write (start_model)
+    start = load_start(run)[0]
+    anchor = start.clip.to(d.device).requires_grad_(False).eval() if anchored else None
+    return anchor, [like(start.get_parameter(n), p) for n, p in named] if theta0 else None
 
 
 def wise_ft(params, start_params, alpha):

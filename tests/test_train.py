@@ -4,6 +4,7 @@ Every run is the tiny model at 16 px with a batch of 4 for a few steps, in-proce
 except DDP, which needs torchrun.
 """
 import errno
+import gc
 import io
 import json
 import math
@@ -60,6 +61,22 @@ def test_resume_after_ctrl_c_equals_straight_run(tmp_path, monkeypatch):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bit-equal in fp32 on the CPU
     assert json.loads((tmp_path / "b" / "step_000004" / "state.json").read_text())["samples_seen"] == 16
 
+
+
+def test_the_start_model_is_not_kept_beside_the_trained_one(tmp_path, monkeypatch):
+    """L2-SP keeps θ₀ of the trained weights alone: the start model itself goes once they are taken (it was kept for
+    the whole run: under FSDP a whole copy on every rank's host, under DDP its frozen parts on the device too)."""
+    before = {id(o) for o in gc.get_objects() if type(o) is UniDiff}
+    alive, real = [], train.optimizer_step
+    def optimizer_step(*a, **kw):  # at each step, the UniDiff models this run made that are still alive
+        gc.collect()
+        alive.append(sum(type(o) is UniDiff and id(o) not in before for o in gc.get_objects()))
+        return real(*a, **kw)
+    monkeypatch.setattr(train, "optimizer_step", optimizer_step)
+    run = tmp_path / "r"
+    assert train.main(TINY + ["--steps", "2", "--save-every", "2", "--l2sp", "1", "--out", str(run)]) == 0
+    assert train.main(["--resume", str(run), "--steps", "3"]) == 0
+    assert alive == [1, 1, 1]  # the trained model alone, in a new run and a resumed one
 
 
 def test_l2sp_and_anchored_resume_equal_straight_run(tmp_path, monkeypatch):
