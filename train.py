@@ -246,9 +246,8 @@ def build_model(name, weights, seed, res, vae_steps, train_set, d):
 
 
 def frozen_start(cfg, named, run, d):
-    """The run's start, read back from its record (run.json), for L2-SP, WiSE-FT and anchored RSC -> (its CLIP,
-    frozen, for anchored RSC, else None; θ₀ of each `named` weight, placed as that weight is, else None). Nothing
-    else of it stays: under FSDP each rank keeps only its shard of θ₀, under DDP only the trained weights' θ₀."""
+    """The run's start, read back from run.json -> (its CLIP, frozen, for anchored RSC; θ₀ of each `named` weight
+    for L2-SP and WiSE-FT, placed as that weight is: under FSDP a shard). Nothing else of the start stays."""
     anchored, theta0 = cfg.lambda_rsc and cfg.rsc_form == "anchored", cfg.l2sp or cfg.wise_ft < 1
     if not (anchored or theta0):
         return None, None
