@@ -66,6 +66,7 @@ def test_resume_after_ctrl_c_equals_straight_run(tmp_path, monkeypatch):
 def test_the_start_model_is_not_kept_beside_the_trained_one(tmp_path, monkeypatch):
     """L2-SP keeps θ₀ of the trained weights alone: the start model itself goes once they are taken (it was kept for
     the whole run: under FSDP a whole copy on every rank's host, under DDP its frozen parts on the device too)."""
+    gc.collect()  # what is left is alive, and stays: no id of it comes back as a new model's
     before = {id(o) for o in gc.get_objects() if type(o) is UniDiff}
     alive, real = [], train.optimizer_step
     def optimizer_step(*a, **kw):  # at each step, the UniDiff models this run made that are still alive
